@@ -1,0 +1,22 @@
+"""Benchmark registry: name -> "module:function", imported lazily.
+
+Each function has the signature ``run(out_dir: Path, quick: bool) -> dict`` and writes its results with
+``diffaccel.bench.harness``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from diffaccel.errors import UserError
+
+BENCHMARKS: dict[str, str] = {
+    "baseline-speed": "diffaccel.bench.baseline_speed:run",
+}
+
+
+def benchmark_function(name: str):
+    if name not in BENCHMARKS:
+        raise UserError(f"unknown benchmark {name!r}; choose one of: {', '.join(sorted(BENCHMARKS))}")
+    module, fn = BENCHMARKS[name].split(":")
+    return getattr(importlib.import_module(module), fn)

@@ -1,0 +1,81 @@
+"""The method interface: forward process, losses and reverse process, networks passed in as arguments."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Phase:
+    """One optimisation phase: a loss over some of the method's networks, with its own optimiser.
+
+    ``loss_fn(nets, x0, step)`` returns a scalar. ``every`` runs the phase only on steps divisible by it.
+    ``optimizer`` is a factory ``(params, lr) -> torch.optim.Optimizer``; None means AdamW.
+    """
+
+    name: str
+    networks: tuple[str, ...]
+    loss_fn: Callable[[dict[str, nn.Module], torch.Tensor, int], torch.Tensor]
+    every: int = 1
+    optimizer: Callable | None = None
+
+
+class Method:
+    """Base class. Single-network methods implement ``loss`` and ``sample`` and nothing else."""
+
+    name: str = "method"
+    ema_networks: tuple[str, ...] = ("net",)
+    sampling_network: str = "net"
+
+    # --- configuration -------------------------------------------------------------------------------------
+    def config(self) -> dict:
+        """JSON-able kwargs such that ``type(self)(**self.config())`` rebuilds the method."""
+        return {}
+
+    @staticmethod
+    def add_arguments(group: argparse._ArgumentGroup) -> None:
+        """Add this method's command-line flags to ``group`` (flags are shared by name across methods)."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Method":
+        return cls()
+
+    # --- networks and training -----------------------------------------------------------------------------
+    def output_channels(self, data_channels: int) -> int:
+        """Output channels of the main network (the KL 2nd variant predicts M coefficients at once)."""
+        return data_channels
+
+    def build_networks(self, net_cfg: dict, image_shape: tuple[int, int, int]) -> dict[str, nn.Module]:
+        from diffaccel.nets.unet import build_unet
+
+        channels, height, _ = image_shape
+        return {"net": build_unet(net_cfg.get("preset", "small"), channels, self.output_channels(channels), height,
+                                  **net_cfg.get("overrides", {}))}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("main", ("net",), lambda nets, x0, step: self.loss(nets["net"], x0))]
+
+    def loss(self, net: nn.Module, x0: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, dataset, device):
+        """Hook run once before training (e.g. cache autoencoder latents); returns the dataset to train on."""
+        return dataset
+
+    # --- sampling ------------------------------------------------------------------------------------------
+    def sample(self, net: nn.Module, n: int, image_shape: tuple[int, int, int], *,
+               generator: torch.Generator | None = None, device=None, **sampler_options) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nfe(self, **sampler_options) -> int:
+        """Network function evaluations per sampled image."""
+        raise NotImplementedError
+
+    def sampler_options(self, args: argparse.Namespace) -> dict:
+        """Sampler options from the `sample`/`eval` command line (default: the epsilon samplers' flags)."""
+        return {"sampler": args.sampler, "steps": args.steps, "eta": args.eta}

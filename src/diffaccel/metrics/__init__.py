@@ -1,0 +1,1 @@
+"""Feature extractors, FID / KID / precision-recall and timing."""

@@ -1,0 +1,1 @@
+"""Networks: every network is called as ``net(x, t)`` with ``t`` a float tensor ``[B]``."""
