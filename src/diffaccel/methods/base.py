@@ -76,6 +76,10 @@ class Method:
         """Network function evaluations per sampled image."""
         raise NotImplementedError
 
+    @staticmethod
+    def add_sample_arguments(group: argparse._ArgumentGroup) -> None:
+        """Extra flags of this method for `diffaccel sample` / `eval` (e.g. --pds); shared by name."""
+
     def sampler_options(self, args: argparse.Namespace) -> dict:
         """Sampler options from the `sample`/`eval` command line (default: the epsilon samplers' flags)."""
         return {"sampler": args.sampler, "steps": args.steps, "eta": args.eta}
