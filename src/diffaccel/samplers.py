@@ -1,0 +1,83 @@
+"""Samplers for any epsilon-predictor ``eps_fn(x, k)`` on an ``alpha_bars`` grid of shape ``[N + 1]``.
+
+``k`` is the integer grid index (as a float tensor ``[B]``), ``alpha_bars[0] == 1``. Written here rather than
+taken from diffusers' schedulers because the KL and DVDP methods need the step on their own grids and with
+their own epsilon aggregation; ``tests/test_samplers.py`` checks the DDIM step against ``DDIMScheduler``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from diffaccel.errors import UserError
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ddim_timesteps(N: int, steps: int) -> list[int]:
+    """Evenly spaced grid indices N = k_S > … > k_1 > k_0 = 0 (the 'trailing' spacing of diffusers)."""
+    if not 1 <= steps <= N:
+        raise UserError(f"sampling steps must be in [1, {N}], got {steps}")
+    return [round(i * N / steps) for i in range(steps, -1, -1)]
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, ab_t: torch.Tensor, ab_prev: torch.Tensor, eta: float,
+              noise: torch.Tensor | None) -> torch.Tensor:
+    """One DDIM update (KL paper eq. 23 / Song et al. 2021 eq. 12) from alpha_bar ``ab_t`` to ``ab_prev``."""
+    x0 = (x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
+    var = eta**2 * (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
+    out = ab_prev.sqrt() * x0 + (1 - ab_prev - var).clamp(min=0).sqrt() * eps
+    if noise is not None and eta > 0:
+        out = out + var.sqrt() * noise
+    return out
+
+
+@torch.no_grad()
+def ddim(eps_fn: EpsFn, x_T: torch.Tensor, alpha_bars: torch.Tensor, steps: int, eta: float = 1.0,
+         generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
+    """DDIM with ``steps`` network calls; eta = 0 is deterministic, eta = 1 is ancestral sampling."""
+    N = len(alpha_bars) - 1
+    ks = ddim_timesteps(N, steps)
+    ab = alpha_bars.to(device=x_T.device, dtype=torch.float64)
+    x = x_T
+    for k, k_prev in tqdm(list(zip(ks[:-1], ks[1:])), desc="ddim", disable=not progress, leave=False):
+        eps = eps_fn(x, torch.full((x.shape[0],), float(k), device=x.device))
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
+        x = ddim_step(x, eps, ab[k].to(x.dtype), ab[k_prev].to(x.dtype), eta, noise)
+    return x
+
+
+@torch.no_grad()
+def ddpm(eps_fn: EpsFn, x_T: torch.Tensor, alpha_bars: torch.Tensor, generator: torch.Generator | None = None,
+         progress: bool = True) -> torch.Tensor:
+    """Ancestral sampling through every grid step with the DDPM posterior (Ho et al. 2020, Algorithm 2)."""
+    N = len(alpha_bars) - 1
+    ab = alpha_bars.to(device=x_T.device, dtype=torch.float64)
+    x = x_T
+    for k in tqdm(range(N, 0, -1), desc="ddpm", disable=not progress, leave=False):
+        eps = eps_fn(x, torch.full((x.shape[0],), float(k), device=x.device))
+        alpha = (ab[k] / ab[k - 1]).to(x.dtype)
+        beta = 1 - alpha
+        mean = (x - beta / (1 - ab[k]).to(x.dtype).sqrt() * eps) / alpha.sqrt()
+        var = ((1 - ab[k - 1]) / (1 - ab[k]) * beta).to(x.dtype)
+        x = mean + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x
+
+
+def sample_epsilon(eps_fn: EpsFn, shape: tuple[int, ...], alpha_bars: torch.Tensor, *, sampler: str = "ddim",
+                   steps: int = 20, eta: float = 1.0, generator: torch.Generator | None = None, device=None,
+                   progress: bool = True) -> torch.Tensor:
+    """Draw x_T ~ N(0, I) and run the named epsilon sampler."""
+    x_T = torch.randn(shape, generator=generator, device=device)
+    if sampler == "ddim":
+        return ddim(eps_fn, x_T, alpha_bars, steps, eta, generator, progress)
+    if sampler == "ddpm":
+        return ddpm(eps_fn, x_T, alpha_bars, generator, progress)
+    raise UserError(f"unknown sampler {sampler!r} for an epsilon model; choose ddim or ddpm")
+
+
+def epsilon_nfe(alpha_bars_len: int, sampler: str, steps: int) -> int:
+    return alpha_bars_len - 1 if sampler == "ddpm" else steps
