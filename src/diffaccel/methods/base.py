@@ -63,6 +63,15 @@ class Method:
     def loss(self, net: nn.Module, x0: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def initialize(self, nets: dict[str, nn.Module], init_from) -> None:
+        """Initialise fresh networks from another run (``--init-from RUN``); methods that support it override."""
+        from diffaccel.errors import UserError
+
+        raise UserError(f"method {self.name!r} does not support --init-from")
+
+    def on_train_start(self, total_steps: int) -> None:
+        """Called by the trainer before the first step (e.g. Weighted Learning needs the run's length)."""
+
     def prepare(self, dataset, device):
         """Hook run once before training (e.g. cache autoencoder latents); returns the dataset to train on."""
         return dataset
