@@ -8,6 +8,8 @@ from diffaccel.errors import UserError
 
 METHODS: dict[str, str] = {
     "baseline": "diffaccel.methods.baseline:Baseline",
+    "dvdp": "diffaccel.methods.dvdp:DVDP",
+    "subspace": "diffaccel.methods.dvdp:SubspaceDiffusion",
 }
 
 
