@@ -1,0 +1,333 @@
+"""DVDP: dimensionality-varying diffusion (Zhang et al., "Dimensionality-Varying Diffusion Process", §4).
+
+The image is split into nested orthogonal subspaces by 2×2 block averaging. With K turning points
+T_1 < … < T_K, subspace i < K is the detail lost by the (i+1)-th halving of the resolution
+(S_i / S_{i+1}) and subspace K is the coarsest, block-constant image. Every subspace i has its own signal
+scale λ̄_{i,t} and noise std σ̄_{i,t}; detail subspace i fades fast enough that λ̄_{i,T_{i+1}} is small, and at
+T_{i+1} the forward process drops it by down-sampling (eq. 8). The reverse process uses the per-subspace
+DDPM posterior between turning points (eq. 10, in epsilon form) and, at each turning point, up-samples and
+adds noise in the detail subspace only (eq. 11). Subspace diffusion (Jing et al.) is the special case where
+every subspace shares one schedule (§4.4).
+
+Attenuation schedule (the paper leaves it to its supplement): the coarsest subspace K follows DDPM's linear
+schedule, λ̄_{K,t} = sqrt(alpha_bar_t); detail subspace i follows the same linear schedule with every beta
+scaled by c_i ≥ 1, i.e. 1 − β_{i,t} = (1 − β_t)^{c_i}, so λ̄_{i,t} = λ̄_{K,t}^{c_i}, with c_i chosen so that
+λ̄_{i,T_{i+1}} = lambda_at_turn. Every subspace is variance preserving, σ̄² = 1 − λ̄², so each one is an ordinary
+linear-schedule DDPM run at its own speed, SNR_i(t) = λ̄²/σ̄² is strictly decreasing, and the coarse content,
+which carries almost all of an image's energy, keeps DDPM's SNR exactly (plot: docs/dvdp_schedule.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffaccel.errors import UserError
+from diffaccel.methods.base import Method
+from diffaccel.schedules import linear_schedule
+
+
+# --- the orthogonal decomposition (DESIGN.md §3.3) --------------------------------------------------------------
+def down(x: torch.Tensor) -> torch.Tensor:
+    """D: R^{C×H×W} → R^{C×H/2×W/2}, D(x) = 2·avgpool₂(x); its rows are orthonormal (D·Dᵀ = I)."""
+    return 2 * F.avg_pool2d(x, 2)
+
+
+def up(y: torch.Tensor) -> torch.Tensor:
+    """Dᵀ: nearest-neighbour up-sampling divided by 2, so down(up(y)) == y and up(down(x)) = block-mean projection."""
+    return F.interpolate(y, scale_factor=2, mode="nearest") / 2
+
+
+def block_mean(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Orthogonal projection onto images constant on 2^levels × 2^levels blocks (= (DᵀD)^levels composed)."""
+    if levels == 0:
+        return x
+    f = 2**levels
+    return F.avg_pool2d(x, f).repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
+
+
+def subspace_components(x: torch.Tensor, level: int, K: int) -> list[torch.Tensor]:
+    """Components of an image at resolution level ``level`` in the subspaces i = level..K (they sum to x)."""
+    projections = [block_mean(x, j - level) for j in range(level, K + 1)] + [torch.zeros_like(x)]
+    return [projections[m] - projections[m + 1] for m in range(K + 1 - level)]
+
+
+def apply_per_subspace(x: torch.Tensor, level: int, coef: torch.Tensor) -> torch.Tensor:
+    """Σ_{i ≥ level} coef_i · (component of x in subspace i), for an image at resolution level ``level``.
+
+    ``coef`` is ``[K+1]`` (one value per subspace) or ``[B, K+1]`` (per image). Written as
+    coef_level·x + Σ_{j>level} (coef_j − coef_{j−1})·P_j x, so it costs one pooling per coarser subspace.
+    """
+    coef = coef.to(device=x.device, dtype=x.dtype)
+    if coef.ndim == 1:
+        coef = coef.expand(x.shape[0], -1)
+    view = (-1,) + (1,) * (x.ndim - 1)
+    out = coef[:, level].view(view) * x
+    for j in range(level + 1, coef.shape[1]):
+        out = out + (coef[:, j] - coef[:, j - 1]).view(view) * block_mean(x, j - level)
+    return out
+
+
+# --- the attenuation schedule ----------------------------------------------------------------------------------
+def attenuation_schedule(turning_points: Sequence[int], T: int, lambda_at_turn: float,
+                         equal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ̄, σ̄), each float64 ``[K+1, T+1]``: row i is subspace i, column t is time step t (λ̄[:, 0] = 1).
+
+    Row K is DDPM's linear schedule; row i < K is the same schedule with its betas scaled by c_i so that
+    λ̄_{i,T_{i+1}} = lambda_at_turn (c_i = 1 if the linear schedule is already that small there).
+    ``equal=True`` gives every subspace row K (subspace diffusion).
+    """
+    log_lam = 0.5 * torch.log(linear_schedule(T))  # log λ̄_{K,t}
+    rows = []
+    for turn in turning_points:
+        c = 1.0 if equal else max(1.0, math.log(lambda_at_turn) / log_lam[turn].item())
+        rows.append(c * log_lam)
+    rows.append(log_lam)
+    log_lam = torch.stack(rows)
+    # σ̄ = sqrt(1 − λ̄²) through expm1 so that σ̄ stays accurate near t = 0
+    return log_lam.exp(), torch.sqrt(-torch.expm1(2 * log_lam))
+
+
+def parse_turning_points(text: str) -> tuple[int, ...]:
+    """``"300,600"`` → (300, 600)."""
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise UserError(f"--turning-points must be comma-separated integers such as 300,600, got {text!r}") from None
+
+
+def _add_once(group: argparse._ArgumentGroup, flag: str, **kwargs) -> None:
+    # DVDP and subspace diffusion share their flags; argparse refuses a flag registered twice
+    if flag not in group._option_string_actions:
+        group.add_argument(flag, **kwargs)
+
+
+class DVDP(Method):
+    """Dimensionality-varying diffusion with orthogonal attenuation; one fully convolutional network for all stages.
+
+    Stage k holds the time steps t ∈ (T_k, T_{k+1}] (T_0 = 0, T_{K+1} = T) and works at resolution H/2^k.
+    The network is called ``net(x_t^k, t)`` with the integer time step t as a float.
+    """
+
+    name = "dvdp"
+    equal_schedules = False
+
+    def __init__(self, turning_points: Sequence[int] = (600,), T: int = 1000, lambda_at_turn: float = 1e-2):
+        T = int(T)
+        if T < 2:
+            raise UserError(f"the number of time steps T must be >= 2, got {T}")
+        tps = tuple(int(p) for p in turning_points)
+        if any(b <= a for a, b in zip(tps, tps[1:])):
+            raise UserError(f"turning points must be strictly increasing, got {list(tps)}")
+        if tps and not (0 < tps[0] and tps[-1] < T):
+            raise UserError(f"turning points must lie strictly between 0 and T={T}, got {list(tps)}")
+        if not 0 < lambda_at_turn < 1:
+            raise UserError(f"--lambda-at-turn must be in (0, 1), got {lambda_at_turn}")
+        self.turning_points, self.T, self.lambda_at_turn = tps, T, float(lambda_at_turn)
+        self.K = len(tps)
+        self.lam, self.sig = attenuation_schedule(tps, T, lambda_at_turn, equal=self.equal_schedules)
+        self._bounds = (0, *tps, T)  # stage k is (bounds[k], bounds[k+1]]
+
+    # --- configuration -----------------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {"turning_points": list(self.turning_points), "T": self.T, "lambda_at_turn": self.lambda_at_turn}
+
+    @staticmethod
+    def add_arguments(group: argparse._ArgumentGroup) -> None:
+        _add_once(group, "--turning-points", type=parse_turning_points, default=None,
+                  help="dvdp/subspace: comma-separated dimensionality turning points in (0, T), e.g. 300,600 "
+                       "(default 600); each one halves the resolution")
+        _add_once(group, "--lambda-at-turn", type=float, default=1e-2,
+                  help="dvdp: signal scale of a detail subspace at the turning point that drops it (default 1e-2)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DVDP":
+        kwargs = {"T": getattr(args, "time_steps", None) or 1000}
+        tps = getattr(args, "turning_points", None)
+        kwargs["turning_points"] = (600,) if tps is None else tps
+        if not cls.equal_schedules:
+            kwargs["lambda_at_turn"] = getattr(args, "lambda_at_turn", 1e-2)
+        return cls(**kwargs)
+
+    # --- shapes and stages -------------------------------------------------------------------------------------
+    def check_image_size(self, height: int, width: int) -> None:
+        f = 2**self.K
+        if height % f or width % f:
+            raise UserError(f"{self.K} turning points halve the resolution {self.K} times, which needs an image size "
+                            f"divisible by {f}; got {height}×{width}")
+
+    def build_networks(self, net_cfg: dict, image_shape: tuple[int, int, int]) -> dict[str, nn.Module]:
+        self.check_image_size(image_shape[1], image_shape[2])
+        nets = super().build_networks(net_cfg, image_shape)
+        levels = len(nets["net"].config.block_out_channels)
+        lowest = image_shape[1] // 2**self.K
+        if lowest % 2 ** (levels - 1):
+            raise UserError(f"too many turning points ({self.K}) for image size {image_shape[1]}: the lowest "
+                            f"resolution {lowest} is not divisible by {2 ** (levels - 1)}, which the "
+                            f"{levels}-level UNet needs")
+        return nets
+
+    def stage(self, t: torch.Tensor) -> torch.Tensor:
+        """Stage k of each time step: the number of turning points strictly below t."""
+        tps = torch.tensor(self.turning_points, dtype=torch.long, device=t.device)
+        return torch.searchsorted(tps, t.long().contiguous(), right=False) if self.K else torch.zeros_like(t).long()
+
+    # --- forward process (eq. 5–8) -----------------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_t^k = Σ_{i≥k} (λ̄_{i,t} v_i^k + σ̄_{i,t} z_i^k) with x_0^k = D^k x0 (eq. 6).
+
+        ``x0`` is full resolution ``[B, C, H, W]``; every t of the batch must lie in one stage k; ``noise`` is a
+        standard normal ε^k at that stage's resolution ``H/2^k`` (drawn when None). Returns x_t^k at that resolution.
+        """
+        t = torch.as_tensor(t, device=x0.device).long().reshape(-1).expand(x0.shape[0])
+        stages = self.stage(t).unique()
+        if len(stages) != 1:
+            raise UserError(f"q_sample needs all time steps of a batch in one stage; got stages {stages.tolist()}")
+        k = int(stages)
+        self.check_image_size(x0.shape[-2], x0.shape[-1])
+        x0k = x0
+        for _ in range(k):
+            x0k = down(x0k)
+        if noise is None:
+            noise = torch.randn(x0k.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        elif noise.shape != x0k.shape:
+            raise UserError(f"noise for stage {k} must have shape {tuple(x0k.shape)}, got {tuple(noise.shape)}")
+        lam = self.lam.T.to(x0.device)[t]  # [B, K+1]
+        sig = self.sig.T.to(x0.device)[t]
+        return apply_per_subspace(x0k, k, lam) + apply_per_subspace(noise, k, sig)
+
+    def loss(self, net: nn.Module, x0: torch.Tensor) -> torch.Tensor:
+        """Eq. 12. t ~ U{1..T} per image (so stage k is drawn with probability (T_{k+1} − T_k)/T); the batch is split
+        by stage and each group goes through the network once at its own resolution. Each image's loss is the
+        mean squared error over its own pixels, averaged over the batch."""
+        self.check_image_size(x0.shape[-2], x0.shape[-1])
+        B = x0.shape[0]
+        t = torch.randint(1, self.T + 1, (B,), device=x0.device)
+        stages = self.stage(t)
+        per_image = torch.empty(B, device=x0.device, dtype=x0.dtype)
+        for k in stages.unique().tolist():
+            idx = (stages == k).nonzero().squeeze(1)
+            h = x0.shape[-2] // 2**k
+            noise = torch.randn(len(idx), x0.shape[1], h, x0.shape[-1] // 2**k, device=x0.device, dtype=x0.dtype)
+            xt = self.q_sample(x0[idx], t[idx], noise)
+            err = (net(xt, t[idx].to(x0.dtype)) - noise) ** 2
+            per_image = per_image.index_put((idx,), err.flatten(1).mean(1))
+        return per_image.mean()
+
+    # --- reverse process ---------------------------------------------------------------------------------------
+    def time_grid(self, sampler: str = "ddim", steps: int = 20) -> list[list[int]]:
+        """Per stage, from the last (coarsest) to the first: descending times [T_{k+1}, …, T_k].
+
+        DDPM visits every integer time step. DDIM gives each stage a share of ``steps`` proportional to its length
+        (largest remainders, at least one) and spaces them evenly, so every turning point is on the grid.
+        """
+        lengths = [b - a for a, b in zip(self._bounds[:-1], self._bounds[1:])]
+        if sampler == "ddpm":
+            counts = lengths
+        elif sampler == "ddim":
+            if not self.K + 1 <= steps <= self.T:
+                raise UserError(f"DDIM with {self.K} turning points needs between {self.K + 1} and {self.T} steps, "
+                                f"got {steps}")
+            exact = [steps * n / self.T for n in lengths]
+            counts = [max(1, int(e)) for e in exact]
+            order = sorted(range(len(exact)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+            i = 0
+            while sum(counts) < steps:
+                if counts[order[i % len(order)]] < lengths[order[i % len(order)]]:
+                    counts[order[i % len(order)]] += 1
+                i += 1
+            while sum(counts) > steps:  # only when the max(1, ·) floors pushed the total over
+                j = max(range(len(counts)), key=lambda m: counts[m])
+                counts[j] -= 1
+        else:
+            raise UserError(f"unknown sampler {sampler!r} for dvdp; choose ddim or ddpm")
+        grid = []
+        for k in range(self.K, -1, -1):
+            lo, n = self._bounds[k], counts[k]
+            grid.append([round(lo + i * lengths[k] / n) for i in range(n, -1, -1)])
+        return grid
+
+    def step_coefficients(self, t: int, s: int, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-subspace (a, b, c) of x_s = a·x_t + b·ε̂ + c·z, the DDIM step (Song et al. eq. 12) run per subspace.
+
+        a = λ̄_s/λ̄_t, c² = η²·Var[q(x_s | x_t, x_0)] = η² σ̄_s² (σ̄_t² − (λ̄_t/λ̄_s)² σ̄_s²)/σ̄_t², b = sqrt(σ̄_s² − c²) − a σ̄_t.
+        With s = t − 1 and η = 1 this is the DDPM posterior x_t/α_t − β_t/(α_t σ̄_t)·ε̂ + noise (eq. 10 in epsilon
+        form); it never divides by a small λ̄ except through the bounded ratio λ̄_s/λ̄_t.
+        """
+        lt, ls, st, ss = self.lam[:, t], self.lam[:, s], self.sig[:, t], self.sig[:, s]
+        a = ls / lt
+        var = (ss**2 * (st**2 - (lt / ls) ** 2 * ss**2) / st**2).clamp(min=0)
+        c = eta * var.sqrt()
+        b = (ss**2 - c**2).clamp(min=0).sqrt() - a * st
+        return a, b, c
+
+    def jump(self, x: torch.Tensor, turn_index: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Eq. 11 at T_k (k = turn_index + 1): x^{k−1} = Dᵀx^k + σ̄_{k−1,T_k}·(I − P)ε, noise in the detail subspace only."""
+        i = turn_index
+        xu = up(x)
+        eps = torch.randn(xu.shape, generator=generator, device=x.device, dtype=x.dtype)
+        detail = eps - block_mean(eps, 1)
+        return xu + self.sig[i, self.turning_points[i]].item() * detail
+
+    @torch.no_grad()
+    def sample(self, net: nn.Module, n: int, image_shape, *, generator: torch.Generator | None = None, device=None,
+               sampler: str = "ddim", steps: int = 20, eta: float = 1.0, progress: bool = True) -> torch.Tensor:
+        """Start from N(0, I) at resolution H/2^K, run each stage's per-subspace steps and jump at every turning point.
+
+        ``sampler="ddpm"`` takes all T ancestral steps (η = 1); ``"ddim"`` takes ``steps`` steps with the given η.
+        """
+        C, H, W = image_shape
+        self.check_image_size(H, W)
+        if sampler == "ddpm":
+            eta = 1.0
+        grid = self.time_grid(sampler, steps)
+        f = 2**self.K
+        x = torch.randn((n, C, H // f, W // f), generator=generator, device=device)
+        bar = tqdm(total=sum(len(g) - 1 for g in grid), desc=f"{self.name} {sampler}", disable=not progress,
+                   leave=False)
+        for stage_pos, times in enumerate(grid):
+            k = self.K - stage_pos
+            for t, s in zip(times[:-1], times[1:]):
+                eps = net(x, torch.full((n,), float(t), device=x.device))
+                a, b, c = self.step_coefficients(t, s, eta)
+                x = apply_per_subspace(x, k, a) + apply_per_subspace(eps, k, b)
+                if eta > 0:
+                    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    x = x + apply_per_subspace(z, k, c)
+                bar.update()
+            if k > 0:
+                x = self.jump(x, k - 1, generator)
+        bar.close()
+        return x
+
+    def nfe(self, sampler: str = "ddim", steps: int = 20, **_) -> int:
+        return self.T if sampler == "ddpm" else steps
+
+    def relative_cost(self, sampler: str = "ddim", steps: int = 20) -> float:
+        """Network evaluations weighted by pixel count, in full-resolution evaluations (a DDPM of the same NFE = NFE)."""
+        grid = self.time_grid(sampler, steps)
+        return sum((len(times) - 1) / 4 ** (self.K - pos) for pos, times in enumerate(grid))
+
+
+class SubspaceDiffusion(DVDP):
+    """Subspace diffusion (Jing et al. 2022) on discrete time steps: DVDP with one shared schedule for all subspaces.
+
+    Every subspace follows DDPM's linear schedule, so the data component λ̄_{T_k}·v dropped at each turning point is
+    not small (λ̄ ≈ 0.16 at t = 600); the jump still adds the noise of the dropped detail subspace (§4.4).
+    """
+
+    name = "subspace"
+    equal_schedules = True
+
+    def __init__(self, turning_points: Sequence[int] = (600,), T: int = 1000):
+        super().__init__(turning_points=turning_points, T=T, lambda_at_turn=0.5)
+
+    def config(self) -> dict:
+        return {"turning_points": list(self.turning_points), "T": self.T}
