@@ -10,6 +10,9 @@ METHODS: dict[str, str] = {
     "baseline": "diffaccel.methods.baseline:Baseline",
     "dvdp": "diffaccel.methods.dvdp:DVDP",
     "subspace": "diffaccel.methods.dvdp:SubspaceDiffusion",
+    "autoencoder": "diffaccel.methods.autoencoder:AutoencoderMethod",
+    "ddgan": "diffaccel.methods.ddgan:DDGAN",
+    "lddgan": "diffaccel.methods.ddgan:LDDGAN",
 }
 
 
