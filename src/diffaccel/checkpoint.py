@@ -1,0 +1,146 @@
+"""Checkpoints that are never half-written, never unpickle code, and say clearly when they are broken.
+
+A checkpoint is a folder ``step_XXXXXXX/`` holding ``weights.safetensors`` (every network), ``ema.safetensors``
+(the EMA networks), ``state.pt`` (optimisers, scaler, RNG and data-order state: tensors and plain containers,
+loaded with ``weights_only=True``) and ``meta.json`` (method, step and the SHA-256 of each file). It is written in a
+temporary folder, flushed to disk and renamed into place, so an interrupted write never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from diffaccel.errors import UserError
+
+FILES = ("weights.safetensors", "ema.safetensors", "state.pt")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flatten(nets: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """One flat tensor dict ``{"net.layer.weight": …}`` for all networks (contiguous CPU copies)."""
+    return {f"{name}.{k}": v.detach().cpu().contiguous() for name, net in nets.items()
+            for k, v in net.state_dict().items()}
+
+
+def load_into(nets: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Load flat tensors into networks, refusing any mismatch of names or shapes with a message saying which."""
+    for name, net in nets.items():
+        prefix = f"{name}."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not sub:
+            raise UserError(f"{source} holds no weights for network {name!r} "
+                            f"(it has: {sorted({k.split('.')[0] for k in tensors})}); is it from another method?")
+        own = net.state_dict()
+        missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
+        wrong = [k for k in set(own) & set(sub) if own[k].shape != sub[k].shape]
+        if missing or unexpected or wrong:
+            detail = "; ".join(s for s in (
+                f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                f"shape of {wrong[0]} is {tuple(sub[wrong[0]].shape)} here but {tuple(own[wrong[0]].shape)} in "
+                f"the network" if wrong else "") if s)
+            raise UserError(f"{source}: weights of {name!r} do not fit this network architecture ({detail})")
+        net.load_state_dict(sub, strict=True)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, meta: dict, weights: dict[str, torch.Tensor],
+                    ema: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically and keep the newest ``keep`` ones."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:07d}"
+    tmp = ckpt_root / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file(weights, tmp / "weights.safetensors")
+        save_file(ema, tmp / "ema.safetensors")
+        torch.save(state, tmp / "state.pt")
+        meta = {**meta, "step": step, "sha256": {f: _sha256(tmp / f) for f in FILES}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for f in (*FILES, "meta.json"):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # same step written again (e.g. after a resume): move the old one aside first
+            old = ckpt_root / f".old_step_{step:07d}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(ckpt_root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); "
+                        "the previous checkpoints are intact") from None
+    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+
+
+def verify(ckpt: Path) -> dict:
+    """The checkpoint's meta if every file is present and matches its checksum; UserError naming the file if not."""
+    meta_path = ckpt / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint {ckpt} is unreadable: {meta_path.name}: {e}") from None
+    for f in FILES:
+        path = ckpt / f
+        if not path.is_file():
+            raise UserError(f"checkpoint {ckpt} is incomplete: {f} is missing")
+        if _sha256(path) != meta.get("sha256", {}).get(f):
+            raise UserError(f"checkpoint file {path} is corrupted or truncated (checksum mismatch)")
+    return meta
+
+
+def load_checkpoint(ckpt: Path, map_location="cpu") -> tuple[dict, dict, dict, dict]:
+    """(meta, weights, ema, state) of a verified checkpoint; state is loaded with ``weights_only=True``."""
+    meta = verify(ckpt)
+    try:
+        weights = load_file(ckpt / "weights.safetensors", device=str(map_location))
+        ema = load_file(ckpt / "ema.safetensors", device=str(map_location))
+        state = torch.load(ckpt / "state.pt", map_location=map_location, weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+        raise UserError(f"checkpoint {ckpt} cannot be loaded: {e}") from None
+    return meta, weights, ema, state
+
+
+def latest_valid(ckpt_root: Path, log=print) -> Path | None:
+    """The newest checkpoint that verifies; broken newer ones are reported and skipped."""
+    for ckpt in reversed(list_checkpoints(ckpt_root)):
+        try:
+            verify(ckpt)
+            return ckpt
+        except UserError as e:
+            log(f"warning: {e}; falling back to the previous checkpoint")
+    return None

@@ -1,0 +1,375 @@
+"""The method-agnostic trainer: accelerate, AdamW per phase, EMA, AMP, accumulation, exact checkpoints and resume.
+
+The trainer knows nothing about any method: it asks the method for its networks and optimisation phases,
+feeds every phase the same batch each step and keeps EMA copies of the networks the method names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
+
+import diffaccel
+from diffaccel.checkpoint import flatten, latest_valid, list_checkpoints, load_checkpoint, load_into, save_checkpoint
+from diffaccel.data import ImageDataset, load_dataset, save_grid
+from diffaccel.errors import UserError
+from diffaccel.methods.base import Method
+from diffaccel.runs import append_metrics, read_config, read_metrics, truncate_metrics, write_config
+
+
+@dataclass
+class TrainConfig:
+    data: str = "mnist5k"
+    resolution: int | None = None
+    channels: int | None = None
+    hflip: bool = False
+    data_limit: int | None = None
+    net: dict = field(default_factory=lambda: {"preset": "small"})
+    batch_size: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    steps: int = 2000
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"
+    seed: int = 0
+    out: str = "runs/run"
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 0
+    sample_n: int = 64
+    sample_options: dict = field(default_factory=dict)
+    eval_every: int = 0
+    max_nonfinite: int = 10
+    device: str = "auto"
+    init_from: str | None = None
+
+    def validate(self) -> None:
+        checks = [
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
+            (self.mixed_precision in ("no", "fp16", "bf16"), f"--mixed-precision must be no, fp16 or bf16"),
+            (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            (self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
+            (self.max_nonfinite >= 1, f"--max-nonfinite must be >= 1, got {self.max_nonfinite}"),
+            (self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             f"--device must be auto, cpu or cuda, got {self.device!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def _ema_fn(decay: float):
+    """EMA with the usual warm-up min(decay, (1+n)/(10+n)), so short runs are not dominated by the init."""
+
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+    return update
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].astype(np.int64),
+             "numpy_pos": np.random.get_state()[2], "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    import ast
+
+    version, internal, gauss = ast.literal_eval(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class BatchStream:
+    """Global batches in a seeded order, epoch after epoch; its state makes resume repeat the order exactly."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm, self.pos, self.epoch = torch.randperm(len(dataset), generator=self.generator), 0, 0
+
+    def next(self) -> torch.Tensor:
+        idx = []
+        while len(idx) < self.batch_size:
+            if self.pos >= len(self.perm):
+                self.perm, self.pos = torch.randperm(len(self.dataset), generator=self.generator), 0
+                self.epoch += 1
+            take = self.perm[self.pos:self.pos + self.batch_size - len(idx)]
+            idx.extend(take.tolist())
+            self.pos += len(take)
+        return self.dataset.get_batch(torch.tensor(idx), generator=self.generator)
+
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos, "epoch": self.epoch}
+
+    def load(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm, self.pos, self.epoch = state["perm"], int(state["pos"]), int(state["epoch"])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, method: Method, dataset: ImageDataset | None = None, resume: bool = False,
+                 callback: Callable | None = None, progress: bool = True, log: Callable = print):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg.validate()
+        self.cfg, self.method, self.callback, self.progress, self.log = cfg, method, callback, progress, log
+        self.run_dir = Path(cfg.out)
+        if resume:
+            self._check_resumable()
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise UserError(f"run directory {self.run_dir} already exists and is not empty; "
+                            "pass --resume to continue it or choose another --out")
+        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+        acc = self.accelerator
+        if cfg.batch_size % acc.num_processes:
+            raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {acc.num_processes} processes")
+        set_seed(cfg.seed + acc.process_index)  # each rank draws its own noise; data order is global
+
+        dataset = dataset if dataset is not None else load_dataset(
+            cfg.data, cfg.resolution, cfg.channels, cfg.hflip, cfg.data_limit)
+        self.image_shape = dataset.shape
+        self.dataset = method.prepare(dataset, acc.device)
+        self.nets = method.build_networks(cfg.net, self.dataset.shape)
+        if cfg.init_from and not resume:
+            method.initialize(self.nets, Path(cfg.init_from))
+        self.phases = method.phases()
+        self.optimizers = {}
+        for phase in self.phases:
+            params = [p for name in phase.networks for p in self.nets[name].parameters()]
+            factory = phase.optimizer or (lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=cfg.weight_decay))
+            self.optimizers[phase.name] = factory(params, cfg.lr)
+        self.ema = {name: AveragedModel(self.nets[name], multi_avg_fn=_ema_fn(cfg.ema_decay), use_buffers=True)
+                    for name in method.ema_networks}
+        names = list(self.nets)
+        prepared = acc.prepare(*[self.nets[n] for n in names], *self.optimizers.values())
+        self.nets = dict(zip(names, prepared[:len(names)]))
+        self.optimizers = dict(zip(self.optimizers, prepared[len(names):]))
+        for e in self.ema.values():
+            e.to(acc.device)
+        self.stream = BatchStream(self.dataset, cfg.batch_size, cfg.seed)
+        self.step = 0
+        self.nonfinite = 0
+        if resume:
+            self._load_latest()
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if acc.is_main_process:
+                write_config(self.run_dir, self.config_dict())
+
+    # --- configuration and resume --------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {"method": self.method.name, "method_config": self.method.config(),
+                "train": dataclasses.asdict(self.cfg), "image_shape": list(self.image_shape),
+                "model_shape": list(self.dataset.shape), "diffaccel_version": diffaccel.__version__}
+
+    def _check_resumable(self) -> None:
+        saved = read_config(self.run_dir)
+        if saved["method"] != self.method.name:
+            raise UserError(f"{self.run_dir} was trained with method {saved['method']!r}, not {self.method.name!r}")
+        if saved.get("method_config") != self.method.config():
+            raise UserError(f"{self.run_dir} was trained with method settings {saved.get('method_config')}, "
+                            f"not {self.method.config()}; resume with the same settings")
+
+    def _load_latest(self) -> None:
+        ckpt = latest_valid(self.run_dir / "checkpoints", log=self.log)
+        if ckpt is None:
+            if list_checkpoints(self.run_dir / "checkpoints"):
+                raise UserError(f"no usable checkpoint in {self.run_dir / 'checkpoints'}: every one is broken")
+            self.log(f"{self.run_dir} has no checkpoint yet: starting from step 0")
+            truncate_metrics(self.run_dir, 0)
+            return
+        meta, weights, ema, state = load_checkpoint(ckpt)
+        if meta.get("method") != self.method.name:
+            raise UserError(f"checkpoint {ckpt} is from method {meta.get('method')!r}, not {self.method.name!r}")
+        acc = self.accelerator
+        load_into({n: acc.unwrap_model(net) for n, net in self.nets.items()}, weights, ckpt / "weights.safetensors")
+        load_into({n: e.module for n, e in self.ema.items()}, ema, ckpt / "ema.safetensors")
+        for name, e in self.ema.items():
+            e.n_averaged.copy_(state["ema_n_averaged"][name])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        if state.get("scaler") is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(state["scaler"])
+        self.stream.load(state["data"])
+        self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
+        _set_rng_state(state["rng"][min(acc.process_index, len(state["rng"]) - 1)])
+        truncate_metrics(self.run_dir, self.step) if acc.is_main_process else None
+        self.log(f"resumed {self.run_dir} from {ckpt.name} (step {self.step})")
+
+    def save(self) -> Path | None:
+        acc = self.accelerator
+        rng = acc.gather_for_metrics([_rng_state()], use_gather_object=True) if acc.num_processes > 1 \
+            else [_rng_state()]
+        path = None
+        if acc.is_main_process:
+            state = {"step": self.step, "nonfinite": self.nonfinite, "data": self.stream.state(), "rng": rng,
+                     "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                     "ema_n_averaged": {n: e.n_averaged.cpu() for n, e in self.ema.items()},
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+            weights = flatten({n: acc.unwrap_model(net) for n, net in self.nets.items()})
+            ema = flatten({n: e.module for n, e in self.ema.items()})
+            path = save_checkpoint(self.run_dir / "checkpoints", self.step,
+                                   {"method": self.method.name, "diffaccel_version": diffaccel.__version__},
+                                   weights, ema, state, keep=self.cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        return path
+
+    # --- training ------------------------------------------------------------------------------------------
+    def _lr(self, step: int) -> float:
+        if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
+            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
+        return self.cfg.lr
+
+    def train_step(self, x0: torch.Tensor) -> dict[str, float]:
+        """One optimisation step of every due phase on the same global batch; returns the phase losses."""
+        acc, cfg = self.accelerator, self.cfg
+        shard = x0.chunk(acc.num_processes)[acc.process_index].to(acc.device)
+        losses = {}
+        for phase in self.phases:
+            if self.step % phase.every:
+                continue
+            opt = self.optimizers[phase.name]
+            for group in opt.param_groups:
+                group["lr"] = self._lr(self.step)
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in shard.chunk(cfg.grad_accum):
+                with acc.autocast():
+                    loss = phase.loss_fn(self.nets, micro, self.step)
+                acc.backward(loss / cfg.grad_accum)
+                total += loss.detach().float() / cfg.grad_accum
+            params = [p for n in phase.networks for p in self.nets[n].parameters()]
+            norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            finite = torch.isfinite(total) & torch.isfinite(torch.as_tensor(norm, device=total.device))
+            if acc.num_processes > 1:  # every rank must agree, or one would step and the others not
+                finite = acc.reduce(finite.float(), "min").bool()
+            if not bool(finite):
+                opt.zero_grad(set_to_none=True)
+                losses[phase.name] = float("nan")
+                continue
+            opt.step()
+            losses[phase.name] = float(acc.reduce(total, "mean")) if acc.num_processes > 1 else float(total)
+        for name, e in self.ema.items():
+            e.update_parameters(acc.unwrap_model(self.nets[name]))
+        for name in list(self.nets):
+            for p in self.nets[name].parameters():
+                p.grad = None  # gradients of networks another phase touched are not carried over
+        return losses
+
+    def sample_grid(self, path: Path) -> None:
+        opts = self.cfg.sample_options or {}
+        net = self.ema[self.method.sampling_network].module
+        with torch.random.fork_rng(devices=[]):
+            g = torch.Generator(device=self.accelerator.device).manual_seed(self.cfg.seed)
+            images = self.method.sample(net.eval(), self.cfg.sample_n, self.image_shape, generator=g,
+                                        device=self.accelerator.device, progress=False, **opts)
+        net.train()
+        save_grid(images, path)
+
+    def run(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        main = acc.is_main_process
+        self.method.on_train_start(cfg.steps)
+        if self.step >= cfg.steps:
+            self.log(f"{self.run_dir} already reached step {self.step} >= --steps {cfg.steps}")
+            return self.run_dir
+        for net in self.nets.values():
+            net.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.method.name}", disable=not (self.progress
+                   and main), dynamic_ncols=True)
+        window: dict[str, list[float]] = {}
+        t_window = time.perf_counter()
+        while self.step < cfg.steps:
+            x0 = self.stream.next()
+            losses = self.train_step(x0)
+            self.step += 1
+            bad = [n for n, v in losses.items() if not math.isfinite(v)]
+            if bad:
+                self.nonfinite += 1
+                if main:
+                    append_metrics(self.run_dir, {"step": self.step, "skipped": "non-finite loss or gradient",
+                                                  "phases": bad})
+                    self.log(f"step {self.step}: non-finite loss/gradient in {bad}, step skipped "
+                             f"({self.nonfinite} in a row)")
+                if self.nonfinite >= cfg.max_nonfinite:
+                    last = latest_valid(self.run_dir / "checkpoints", log=self.log)
+                    raise UserError(f"training stopped: {self.nonfinite} non-finite steps in a row at step "
+                                    f"{self.step}; last good checkpoint: {last or 'none'}")
+            else:
+                self.nonfinite = 0
+            for n, v in losses.items():
+                if math.isfinite(v):
+                    window.setdefault(n, []).append(v)
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.perf_counter() - t_window
+                steps_in_window = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
+                record = {"step": self.step,
+                          **{f"loss_{n}" if len(self.phases) > 1 else "loss": float(np.mean(v))
+                             for n, v in window.items()},
+                          "lr": self._lr(self.step), "sec_per_step": elapsed / steps_in_window}
+                if main:
+                    append_metrics(self.run_dir, record)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith("loss")})
+                window, t_window = {}, time.perf_counter()
+            if cfg.eval_every and self.callback and self.step % cfg.eval_every == 0:
+                ema_nets = {n: e.module.eval() for n, e in self.ema.items()}
+                with torch.random.fork_rng(devices=[]):
+                    extra = self.callback(self.step, self.method, ema_nets) if main else None
+                for e in ema_nets.values():
+                    e.train()
+                if main and extra:
+                    append_metrics(self.run_dir, {"step": self.step, **extra})
+                    self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()
+                                                                 if isinstance(v, float)))
+                acc.wait_for_everyone()
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and main:
+                self.sample_grid(self.run_dir / "samples" / f"step_{self.step:07d}.png")
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        if main:
+            self.sample_grid(self.run_dir / "samples.png")
+            from diffaccel.report import write_report
+
+            write_report(self.run_dir)
+        acc.wait_for_everyone()
+        return self.run_dir
+
+
+def train(cfg: TrainConfig, method: Method, resume: bool = False, callback: Callable | None = None,
+          dataset: ImageDataset | None = None, progress: bool = True, log: Callable = print) -> Path:
+    """Train ``method`` as ``cfg`` says; returns the run directory."""
+    return Trainer(cfg, method, dataset=dataset, resume=resume, callback=callback, progress=progress, log=log).run()
