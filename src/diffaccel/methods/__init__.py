@@ -8,6 +8,7 @@ from diffaccel.errors import UserError
 
 METHODS: dict[str, str] = {
     "baseline": "diffaccel.methods.baseline:Baseline",
+    "kl": "diffaccel.methods.kl:KLDiffusion",
     "dvdp": "diffaccel.methods.dvdp:DVDP",
     "subspace": "diffaccel.methods.dvdp:SubspaceDiffusion",
     "autoencoder": "diffaccel.methods.autoencoder:AutoencoderMethod",
