@@ -91,7 +91,7 @@ def _ema_fn(decay: float):
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].astype(np.int64),
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
              "numpy_pos": np.random.get_state()[2], "python": repr(random.getstate())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -100,7 +100,7 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    np.random.set_state(("MT19937", np.asarray(state["numpy"]).astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
     import ast
 
     version, internal, gauss = ast.literal_eval(state["python"])
