@@ -95,11 +95,11 @@ def attenuation_schedule(turning_points: Sequence[int], T: int, lambda_at_turn: 
 
 
 def parse_turning_points(text: str) -> tuple[int, ...]:
-    """``"300,600"`` → (300, 600)."""
+    """``"300,600"`` → (300, 600); an argparse ``type`` (argparse reports the error and exits with status 2)."""
     try:
         return tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise UserError(f"--turning-points must be comma-separated integers such as 300,600, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 300,600, got {text!r}") from None
 
 
 def _add_once(group: argparse._ArgumentGroup, flag: str, **kwargs) -> None:
