@@ -226,6 +226,8 @@ class Trainer:
         self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
         _set_rng_state(state["rng"][min(acc.process_index, len(state["rng"]) - 1)])
         truncate_metrics(self.run_dir, self.step) if acc.is_main_process else None
+        if acc.is_main_process:  # record the settings the run continues with (e.g. a larger --steps)
+            write_config(self.run_dir, self.config_dict())
         self.log(f"resumed {self.run_dir} from {ckpt.name} (step {self.step})")
 
     def save(self) -> Path | None:

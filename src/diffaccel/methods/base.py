@@ -91,4 +91,5 @@ class Method:
 
     def sampler_options(self, args: argparse.Namespace) -> dict:
         """Sampler options from the `sample`/`eval` command line (default: the epsilon samplers' flags)."""
-        return {"sampler": args.sampler, "steps": args.steps, "eta": args.eta}
+        options = {"sampler": args.sampler, "steps": args.steps, "eta": args.eta}
+        return {k: v for k, v in options.items() if v is not None}  # unset flags keep the method's defaults

@@ -1,0 +1,336 @@
+"""``diffaccel train | sample | eval | bench | info | doctor | pds-filter``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from diffaccel.errors import UserError
+
+EPILOG = """examples:
+  diffaccel train --method baseline --data mnist5k --steps 2000 --out runs/baseline
+  diffaccel train --method kl --kl-terms 8 --time-steps 20 --out runs/kl8
+  diffaccel train --resume --out runs/kl8 --steps 4000
+  diffaccel sample runs/kl8 --n 64 --sampler ddim --steps 20 --eta 1
+  diffaccel eval runs/kl8 --n 10000 --extractor effnet
+  diffaccel bench kl
+"""
+
+
+class _SharedFlags:
+    """An argument group where a flag already added by another method is silently shared, not redefined."""
+
+    def __init__(self, group, seen: set[str]):
+        self.group, self.seen = group, seen
+
+    def add_argument(self, *names, **kwargs):
+        if any(n in self.seen for n in names):
+            return None
+        self.seen.update(names)
+        return self.group.add_argument(*names, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.group, name)
+
+
+def _method_classes():
+    from diffaccel.methods import METHODS, method_class
+
+    return {name: method_class(name) for name in METHODS}
+
+
+def _add_train_parser(sub) -> argparse.ArgumentParser:
+    from diffaccel.nets.unet import PRESETS
+    from diffaccel.train import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a model (any method) into a run directory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train a diffusion model. Flags override --config FILE, which overrides defaults.")
+    p.add_argument("--config", type=Path, help="YAML file of flag values (keys are flag names with _ for -)")
+    p.add_argument("--method", default="baseline", help="method: " + ", ".join(_method_classes()))
+    p.add_argument("--out", default=None, help="run directory (default: runs/<method>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
+    p.add_argument("--init-from", default=None, help="initialise the networks from another run (method-specific)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=d.data, help="mnist5k | digits | folder of images | .npz | CIFAR-10 batches "
+                   "folder | MNIST idx file")
+    g.add_argument("--resolution", type=int, default=None, help="resize images to this square size")
+    g.add_argument("--channels", type=int, default=None, choices=[1, 3], help="convert images to 1 or 3 channels")
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips (the papers' augmentation)")
+    g.add_argument("--data-limit", type=int, default=None, help="use only the first N images")
+    g = p.add_argument_group("network and optimisation")
+    g.add_argument("--preset", default="small", choices=list(PRESETS), help="UNet size")
+    g.add_argument("--net-config", default=None, help='JSON overrides of UNet2DModel arguments, e.g. '
+                   '\'{"block_out_channels": [32, 64]}\'')
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    g.add_argument("--steps", type=int, default=d.steps, help="optimisation steps in total")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    g.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    g.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"])
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    g = p.add_argument_group("logging, checkpoints and evaluation")
+    g.add_argument("--log-every", type=int, default=d.log_every)
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    g.add_argument("--sample-every", type=int, default=d.sample_every, help="save a sample grid every N steps")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="FID every N steps into metrics.jsonl")
+    g.add_argument("--eval-n", type=int, default=1000, help="samples per evaluation during training")
+    g.add_argument("--extractor", default="effnet", help="feature extractor for --eval-every")
+    g.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite,
+                   help="stop after this many non-finite steps in a row")
+    seen: set[str] = set(p._option_string_actions)
+    for name, cls in _method_classes().items():
+        cls.add_arguments(_SharedFlags(p.add_argument_group(f"method {name}"), seen))
+    return p
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="run directory written by `diffaccel train`")
+    p.add_argument("--sampler", default=None, help="ddim | ddpm (epsilon methods), pc | ald (score models)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps / iterations (method default if unset)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (1 = ancestral, 0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder (default: the latest good one)")
+    seen = set(p._option_string_actions)
+    for name, cls in _method_classes().items():
+        cls.add_sample_arguments(_SharedFlags(p.add_argument_group(f"method {name}"), seen))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffaccel", description="Faster diffusion models: KL diffusion, DVDP, "
+                                     "LDDGAN and PDS on one core.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+
+    p = sub.add_parser("sample", help="draw samples from a trained run into a PNG grid",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_sampling_flags(p)
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--out", type=Path, default=None, help="grid PNG (default: RUN_DIR/samples/sample-<time>.png)")
+    p.add_argument("--save-images", type=Path, default=None, help="also save every sample as a PNG in this folder")
+
+    p = sub.add_parser("eval", help="FID / KID / precision / recall, NFE and timing of a trained run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_sampling_flags(p)
+    p.add_argument("--n", type=int, default=10000, help="number of generated samples")
+    p.add_argument("--extractor", default="effnet", help="effnet | inception")
+    p.add_argument("--inception-weights", type=Path, default=None, help="pt_inception-2015-12-05 weights file")
+    p.add_argument("--out", type=Path, default=None, help="eval.json path (default: RUN_DIR/eval.json)")
+
+    p = sub.add_parser("bench", help="run a side-by-side benchmark into benchmarks/results/NAME/")
+    p.add_argument("name", nargs="?", help="benchmark name (omit to list them)")
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke version")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
+
+    p = sub.add_parser("info", help="describe a run directory: method, settings, checkpoints, last metrics")
+    p.add_argument("run_dir", type=Path)
+
+    p = sub.add_parser("doctor", help="versions, device, data and weights availability; checks a run directory")
+    p.add_argument("run_dir", type=Path, nargs="?")
+
+    p = sub.add_parser("pds-filter", help="compute PDS frequency/space filters from data", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+# --- commands --------------------------------------------------------------------------------------------------
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    import yaml
+
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        try:
+            values = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read --config {args.config}: {e}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"--config {args.config} must hold a mapping of flag names to values")
+        known = set(vars(args))
+        unknown = sorted(k for k in (k.replace("-", "_") for k in values) if k not in known)
+        if unknown:
+            raise UserError(f"--config {args.config}: unknown settings {unknown}")
+        train_parser = parser._subparsers._group_actions[0].choices["train"]
+        train_parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+        args = parser.parse_args(argv)
+    return args
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from diffaccel.methods import build_method, method_class
+    from diffaccel.runs import read_config
+    from diffaccel.train import TrainConfig, train
+
+    explicit = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+    if args.resume:
+        if not args.out:
+            raise UserError("--resume needs --out RUN_DIR")
+        saved = read_config(args.out)
+        cfg = TrainConfig(**saved["train"])
+        for flag in ("steps", "log_every", "checkpoint_every", "eval_every", "sample_every", "device"):
+            if f"--{flag.replace('_', '-')}" in explicit:
+                setattr(cfg, flag, getattr(args, flag))
+        method = build_method(saved["method"], saved.get("method_config"))
+    else:
+        method = method_class(args.method).from_args(args)
+        try:
+            overrides = json.loads(args.net_config) if args.net_config else {}
+        except ValueError as e:
+            raise UserError(f"--net-config is not valid JSON: {e}") from None
+        out = args.out or f"runs/{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = TrainConfig(data=args.data, resolution=args.resolution, channels=args.channels, hflip=args.hflip,
+                          data_limit=args.data_limit, net={"preset": args.preset, "overrides": overrides},
+                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                          warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, steps=args.steps,
+                          grad_accum=args.grad_accum, ema_decay=args.ema_decay,
+                          mixed_precision=args.mixed_precision, seed=args.seed, out=out, log_every=args.log_every,
+                          checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                          sample_every=args.sample_every, eval_every=args.eval_every,
+                          max_nonfinite=args.max_nonfinite, device=args.device, init_from=args.init_from)
+    callback = None
+    if cfg.eval_every:
+        from diffaccel.data import load_dataset
+        from diffaccel.evaluate import training_evaluator
+
+        reference = load_dataset(cfg.data, cfg.resolution, cfg.channels, False, cfg.data_limit)
+        callback = training_evaluator(reference, getattr(args, "eval_n", 1000), getattr(args, "extractor", "effnet"),
+                                      cfg.sample_options)
+    run_dir = train(cfg, method, resume=args.resume, callback=callback)
+    print(f"run directory: {run_dir}\n  samples: {run_dir / 'samples.png'}\n  loss plot: {run_dir / 'loss.png'}\n"
+          f"  report: {run_dir / 'report.md'}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from diffaccel.data import save_grid, to_uint8
+    from diffaccel.runs import load_run
+
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    device = _device(args.device)
+    method, nets = load_run(args.run_dir, device, checkpoint=args.checkpoint)
+    options = method.sampler_options(args)
+    shape = tuple(__import__("diffaccel.runs").runs.read_config(args.run_dir)["image_shape"])
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    chunks, t0 = [], time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, args.n, args.batch_size):
+            n = min(args.batch_size, args.n - start)
+            chunks.append(method.sample(nets[method.sampling_network], n, shape, generator=generator, device=device,
+                                        **options).cpu())
+    elapsed = time.perf_counter() - t0
+    images = torch.cat(chunks)
+    out = args.out or args.run_dir / "samples" / f"sample-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    save_grid(images, out)
+    if args.save_images:
+        from PIL import Image
+
+        args.save_images.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(to_uint8(images)):
+            arr = im.permute(1, 2, 0).numpy()
+            Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(args.save_images / f"{i:06d}.png")
+    print(f"{args.n} samples ({method.name}, {options}, NFE {method.nfe(**options)}) in {elapsed:.2f} s "
+          f"on {device}: {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from diffaccel.evaluate import evaluate_run
+
+    result = evaluate_run(args.run_dir, n=args.n, sampler_args=args, extractor=args.extractor,
+                          device=_device(args.device), batch_size=args.batch_size, seed=args.seed, out=args.out,
+                          checkpoint=args.checkpoint, inception_weights=args.inception_weights)
+    print(json.dumps(result, indent=1))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from diffaccel.bench import BENCHMARKS, benchmark_function
+
+    if not args.name:
+        print("benchmarks: " + ", ".join(sorted(BENCHMARKS)))
+        return
+    fn = benchmark_function(args.name)
+    out_dir = args.out / args.name if not args.quick else args.out / f"{args.name}-quick"
+    result = fn(out_dir, quick=args.quick)
+    print(f"results in {out_dir}")
+    return result
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from diffaccel.checkpoint import list_checkpoints, verify
+    from diffaccel.runs import read_config, read_metrics
+
+    config = read_config(args.run_dir)
+    train = config["train"]
+    print(f"run: {args.run_dir}\nmethod: {config['method']} {config.get('method_config')}\n"
+          f"data: {train['data']} image shape {config['image_shape']}\nnetwork: {train['net']}\n"
+          f"training: batch {train['batch_size']}, lr {train['lr']}, steps {train['steps']}, seed {train['seed']}")
+    ckpts = list_checkpoints(Path(args.run_dir) / "checkpoints")
+    print("checkpoints:" + ("" if ckpts else " none"))
+    for c in ckpts:
+        try:
+            verify(c)
+            print(f"  {c.name}: ok")
+        except UserError as e:
+            print(f"  {c.name}: BROKEN ({e})")
+    records = read_metrics(args.run_dir)
+    losses = [r for r in records if any(k.startswith("loss") for k in r)]
+    if losses:
+        print("last log: " + json.dumps(losses[-1]))
+    evals = [r for r in records if any("[" in k for k in r)]
+    if evals:
+        print("last evaluation: " + json.dumps(evals[-1]))
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from diffaccel.doctor import doctor
+
+    ok = doctor(args.run_dir)
+    if not ok:
+        raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["pds-filter"]:
+            from diffaccel.methods.pds import pds_filter_main
+
+            pds_filter_main(argv[1:])
+            return
+        parser = build_parser()
+        args = _apply_config_file(parser, argv)
+        {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info,
+         "doctor": cmd_doctor}[args.command](args)
+    except UserError as e:
+        print(f"diffaccel: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("diffaccel: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()
