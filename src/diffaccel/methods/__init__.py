@@ -14,6 +14,7 @@ METHODS: dict[str, str] = {
     "autoencoder": "diffaccel.methods.autoencoder:AutoencoderMethod",
     "ddgan": "diffaccel.methods.ddgan:DDGAN",
     "lddgan": "diffaccel.methods.ddgan:LDDGAN",
+    "score-ve": "diffaccel.methods.score_ve:ScoreVE",
 }
 
 
