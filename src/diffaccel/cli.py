@@ -188,7 +188,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if not args.out:
             raise UserError("--resume needs --out RUN_DIR")
         saved = read_config(args.out)
-        cfg = TrainConfig(**saved["train"])
+        cfg = TrainConfig(**{**saved["train"], "out": str(args.out)})  # the folder may have been moved or copied
         for flag in ("steps", "log_every", "checkpoint_every", "eval_every", "sample_every", "device"):
             if f"--{flag.replace('_', '-')}" in explicit:
                 setattr(cfg, flag, getattr(args, flag))
