@@ -68,11 +68,12 @@ def load_into(nets: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]
 def save_checkpoint(ckpt_root: Path, step: int, meta: dict, weights: dict[str, torch.Tensor],
                     ema: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically and keep the newest ``keep`` ones."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
     tmp = ckpt_root / f".tmp_step_{step:07d}"
+    old = ckpt_root / f".old_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         save_file(weights, tmp / "weights.safetensors")
         save_file(ema, tmp / "ema.safetensors")
@@ -83,7 +84,6 @@ def save_checkpoint(ckpt_root: Path, step: int, meta: dict, weights: dict[str, t
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():  # same step written again (e.g. after a resume): move the old one aside first
-            old = ckpt_root / f".old_step_{step:07d}"
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             tmp.rename(final)
@@ -91,9 +91,16 @@ def save_checkpoint(ckpt_root: Path, step: int, meta: dict, weights: dict[str, t
         else:
             tmp.rename(final)
         _fsync_dir(ckpt_root)
-    except OSError as e:
+    except BaseException as e:
+        # whatever stopped the write (disk full, a read-only folder, a serializer failing half-way, Ctrl-C),
+        # the finished checkpoints stay as they were: drop the partial copy, put a moved-aside one back
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); "
+        if old.exists() and not final.exists():
+            old.rename(final)
+        if not isinstance(e, Exception):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise UserError(f"could not write checkpoint {final} ({reason}); "
                         "the previous checkpoints are intact") from None
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
