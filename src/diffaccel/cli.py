@@ -183,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from diffaccel.runs import read_config
     from diffaccel.train import TrainConfig, train
 
-    explicit = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+    explicit = {a.split("=")[0] for a in args.argv if a.startswith("--")}
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out RUN_DIR")
@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         parser = build_parser()
         args = _apply_config_file(parser, argv)
+        args.argv = argv
         {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info,
          "doctor": cmd_doctor}[args.command](args)
     except UserError as e:
