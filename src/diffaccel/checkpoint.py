@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -136,9 +137,15 @@ def load_checkpoint(ckpt: Path, map_location="cpu") -> tuple[dict, dict, dict, d
     try:
         weights = load_file(ckpt / "weights.safetensors", device=str(map_location))
         ema = load_file(ckpt / "ema.safetensors", device=str(map_location))
-        state = torch.load(ckpt / "state.pt", map_location=map_location, weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError) as e:
         raise UserError(f"checkpoint {ckpt} cannot be loaded: {e}") from None
+    try:
+        state = torch.load(ckpt / "state.pt", map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a global: the file would run code when unpickled
+        raise UserError(f"checkpoint file {ckpt / 'state.pt'} holds objects other than tensors and plain "
+                        "containers; refusing to unpickle it (it could run arbitrary code)") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise UserError(f"checkpoint file {ckpt / 'state.pt'} cannot be loaded: {e}") from None
     return meta, weights, ema, state
 
 
