@@ -364,3 +364,64 @@ def test_config_round_trip_and_cli_arguments():
 def test_bad_configuration_is_a_user_error(kwargs, match):
     with pytest.raises(UserError, match=match):
         KLDiffusion(**kwargs)
+
+
+def test_fine_tune_from_a_baseline_run_directory(tmp_path):
+    """The whole --init-from path: a trained baseline run, from_args (records the settings in the KL config)
+    and the initialize hook the trainer calls (copies the EMA weights)."""
+    from diffaccel.methods.baseline import Baseline
+    from diffaccel.runs import load_run
+    from diffaccel.train import TrainConfig, train
+
+    net_cfg = {"preset": "tiny", "overrides": {"block_out_channels": [8, 16], "norm_num_groups": 4}}
+    common = dict(data="digits", resolution=8, net=net_cfg, batch_size=4, steps=2, log_every=1, sample_n=4,
+                  sample_options={"steps": 2}, device="cpu")
+    base_dir = train(TrainConfig(out=str(tmp_path / "base"), **common), Baseline(N=1000), progress=False,
+                     log=lambda *_: None)
+    _, base_nets = load_run(base_dir)
+    args = argparse.Namespace(kl_terms=4, kl_partial=None, kl_variant="2nd", kl_correction="paper", time_steps=None,
+                              init_from=str(base_dir))
+    method = KLDiffusion.from_args(args)
+    assert method.config()["time_scale"] == 1000 / 20 and method.config()["correction"] == "paper"
+    nets = method.build_networks(net_cfg, (1, 8, 8))
+    method.initialize(nets, base_dir)
+    x, k = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 17.0])
+    with torch.no_grad():
+        torch.testing.assert_close(method.epsilon(nets["net"].eval(), x, k), base_nets["net"](x, k * 50),
+                                   rtol=1e-4, atol=1e-5)
+    kl_dir = train(TrainConfig(out=str(tmp_path / "kl"), init_from=str(base_dir), **common), method,
+                   progress=False, log=lambda *_: None)
+    reloaded, _ = load_run(kl_dir)
+    assert reloaded.config() == method.config()
+    with pytest.raises(UserError, match="not a baseline"):
+        KLDiffusion(M=4).initialize(nets, kl_dir)
+
+
+def test_benchmark_summary_steps_to_reference():
+    from diffaccel.bench.kl import summarize
+
+    def records(curve):
+        return [{"step": s, "loss": 1.0, "sec_per_step": 0.1} for s, _ in curve] + \
+               [{"step": s, "fid[effnet]": f, "precision[effnet]": 0.5, "recall[effnet]": 0.4} for s, f in curve]
+
+    results = [{"label": "Baseline-b16", "records": records([(100, 50.0), (200, 30.0), (300, 31.0)]), "wall_sec": 1},
+               {"label": "KL-8d-b16 (1st)", "records": records([(100, 40.0), (200, 29.0), (300, 20.0)]),
+                "wall_sec": 1},
+               {"label": "Baseline-b128", "records": records([(100, 60.0), (200, 45.0), (300, 35.0)]), "wall_sec": 1}]
+    probes = [{"label": r["label"], "sec_per_step": s, "peak_mem_mb": 10.0} for r, s in zip(results, (0.1, 0.8, 0.7))]
+    models, rows = summarize(results, probes)
+    assert models["Baseline-b16"]["best_fid"] == 30.0 and models["Baseline-b16"]["best_step"] == 200
+    assert models["KL-8d-b16 (1st)"]["steps_to_reference_best"] == 200
+    assert models["KL-8d-b16 (1st)"]["steps_ratio_vs_reference"] == 1.0
+    assert models["Baseline-b128"]["steps_to_reference_best"] is None
+    assert rows[1]["s/step ÷ baseline-b16"] == 8.0
+
+
+def test_benchmark_quick_run_writes_results(tmp_path):
+    from diffaccel.bench.kl import run
+
+    out = run(tmp_path / "kl", quick=True, runs_dir=tmp_path / "runs", models=["KL-8d-b16 (2nd)"])
+    assert set(out["models"]) == {"Baseline-b16", "KL-8d-b16 (2nd)"}
+    for name in ("results.json", "results.md", "fid_vs_steps.png", "samples_kl-8d-b16-2nd.png"):
+        assert (tmp_path / "kl" / name).is_file()
+    assert all(math.isfinite(m["best_fid"]) and m["sec_per_step"] > 0 for m in out["models"].values())

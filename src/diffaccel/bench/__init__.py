@@ -11,7 +11,10 @@ import importlib
 from diffaccel.errors import UserError
 
 BENCHMARKS: dict[str, str] = {
+    "kl": "diffaccel.bench.kl:run",
     "baseline-speed": "diffaccel.bench.baseline_speed:run",
+    "fid-sanity": "diffaccel.bench.fid_sanity:run",
+    "lddgan": "diffaccel.bench.lddgan:run",
 }
 
 
