@@ -1,0 +1,178 @@
+"""`diffaccel bench pds`: PDS vs vanilla PC sampling of one VE score model at full and reduced iterations.
+
+One VE score model (score-ve: σ_min = 0.01, σ_max = max pairwise distance of the training images) is trained on
+MNIST (mnist5k resized to 16×16 to fit a shared 2-core CPU), then sampled with the predictor–corrector sampler
+(reverse-diffusion predictor + Langevin corrector, snr 0.16) at N = full, N/4, N/10, N/20 iterations, each with
+and without PDS (frequency filter from 200 training images, α = 5, no space filter: the paper's setting for
+NCSN++ on datasets without a fixed layout). Same starting noise seed for every configuration.
+Reported: FID[effnet] against real images, seconds per image, NFE, and the PDS overhead per iteration
+(preconditioner time / network time on the same batch).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Settings:
+    """Benchmark size. The defaults are the committed run (about an hour on a shared 2-core CPU)."""
+
+    data: str = "mnist5k"
+    resolution: int = 16
+    net: dict = field(default_factory=lambda: {"preset": "tiny", "overrides": {
+        "block_out_channels": [16, 32], "norm_num_groups": 8}})
+    train_steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    ema_decay: float = 0.995
+    num_scales: int = 100
+    fractions: tuple = (1, 4, 10, 20)
+    snr: float = 0.16
+    pds_alpha: float = 5.0
+    pds_images: int = 200
+    n_samples: int = 256
+    n_real: int = 2000
+    sample_batch: int = 256
+    timing_repeats: int = 5
+    seed: int = 0
+    run_dir: str = "runs/bench-pds"
+
+    @classmethod
+    def quick(cls) -> "Settings":
+        return cls(data="digits", resolution=8, net={"preset": "tiny", "overrides": {
+            "block_out_channels": [16, 32], "norm_num_groups": 8}}, train_steps=4, batch_size=8, num_scales=20,
+            n_samples=16, n_real=64, sample_batch=16, timing_repeats=1, pds_images=32, run_dir="")
+
+
+def _train(s: Settings):
+    """Train the score model, or reuse a finished run of the same settings (the bench can be re-run cheaply)."""
+    from diffaccel.methods.score_ve import ScoreVE, sigma_max_from_data
+    from diffaccel.data import load_dataset
+    from diffaccel.runs import load_run, read_config
+    from diffaccel.train import TrainConfig, train
+
+    import tempfile
+
+    run_dir = Path(s.run_dir) if s.run_dir else Path(tempfile.mkdtemp(prefix="diffaccel-pds-")) / "run"
+    cfg = TrainConfig(data=s.data, resolution=s.resolution, net=s.net, batch_size=s.batch_size, lr=s.lr,
+                      steps=s.train_steps, ema_decay=s.ema_decay, seed=s.seed, out=str(run_dir),
+                      log_every=max(1, s.train_steps // 20), checkpoint_every=max(1, s.train_steps // 4),
+                      device="cpu")
+    if (run_dir / "config.yaml").is_file() and read_config(run_dir)["train"]["steps"] == s.train_steps:
+        try:
+            method, nets = load_run(run_dir, "cpu")
+            if (run_dir / "checkpoints" / f"step_{s.train_steps:07d}").is_dir():
+                return method, nets["net"], run_dir, None
+        except Exception:  # an unfinished or broken run is trained again below
+            pass
+    dataset = load_dataset(s.data, s.resolution)
+    method = ScoreVE(sigma_max=sigma_max_from_data(dataset.images), num_scales=s.num_scales, data=s.data,
+                     resolution=s.resolution)
+    started = time.time()
+    train(cfg, method, dataset=dataset, progress=False)
+    seconds = time.time() - started
+    method, nets = load_run(run_dir, "cpu")
+    return method, nets["net"], run_dir, seconds
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best.append(time.perf_counter() - t0)
+    return sorted(best)[len(best) // 2]  # median
+
+
+def run(out_dir: Path, quick: bool = False) -> dict:
+    torch.set_num_threads(1)
+    from diffaccel.bench.harness import write_results
+    from diffaccel.data import load_dataset, save_grid
+    from diffaccel.evaluate import score_images
+    from diffaccel.methods.pds import build_preconditioner
+
+    started = time.time()
+    s = Settings.quick() if quick else Settings()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    method, net, run_dir, train_seconds = _train(s)
+    net.eval()
+    dataset = load_dataset(s.data, s.resolution)
+    image_shape = dataset.shape
+    real = dataset.to_model_space(dataset.images[:s.n_real])
+    pre = build_preconditioner(dataset.to_model_space(dataset.images[:s.pds_images]), alpha=s.pds_alpha)
+
+    # --- PDS overhead per iteration: one PC iteration = 2 network calls + 2 (M·Mᵀ) + 2 (M) applications
+    x = torch.randn(s.sample_batch, *image_shape)
+    sigma = torch.full((s.sample_batch,), 1.0)
+    with torch.no_grad():
+        t_net = _time(lambda: method.score(net, x, sigma), s.timing_repeats)
+    t_pre = _time(lambda: (pre.apply_gram(x), pre.apply(x)), s.timing_repeats)
+    overhead = {"network_seconds_per_call": t_net, "pds_seconds_per_call": t_pre,
+                "pds_overhead_fraction": t_pre / t_net, "batch": s.sample_batch}
+
+    rows, configs = [], []
+    for frac in s.fractions:
+        steps = max(1, s.num_scales // frac)
+        for use_pds in (False, True):
+            samples, seconds = [], 0.0
+            g = torch.Generator().manual_seed(s.seed + 1)  # same noise seed for every configuration
+            for start in range(0, s.n_samples, s.sample_batch):
+                n = min(s.sample_batch, s.n_samples - start)
+                t0 = time.perf_counter()
+                samples.append(method.sample(net, n, image_shape, generator=g, device="cpu", sampler="pc",
+                                             steps=steps, snr=s.snr, preconditioner=pre if use_pds else None,
+                                             progress=False))
+                seconds += time.perf_counter() - t0
+            fake = torch.cat(samples)
+            tag = f"N{steps}_{'pds' if use_pds else 'vanilla'}"
+            save_grid(fake[:64], out_dir / f"samples_{tag}.png", nrow=8)
+            scores = score_images(real, fake, "effnet", device="cpu", cache=True, progress=False)
+            row = {"iterations": steps, "fraction": f"N/{frac}" if frac > 1 else "N", "pds": use_pds,
+                   "nfe": method.nfe(sampler="pc", steps=steps), "fid[effnet]": scores["fid[effnet]"],
+                   "kid[effnet]": scores["kid[effnet]"], "precision[effnet]": scores["precision[effnet]"],
+                   "recall[effnet]": scores["recall[effnet]"], "seconds_per_image": seconds / s.n_samples}
+            rows.append(row)
+            configs.append({**row, **scores})
+            print(json.dumps(row), flush=True)
+
+    by = {(r["iterations"], r["pds"]): r for r in rows}
+    ratios = {f"N={k[0]}": by[(k[0], False)]["fid[effnet]"] / by[(k[0], True)]["fid[effnet]"]
+              for k in by if k[1] is False}
+    results = {"settings": asdict(s), "sigma_min": method.sigma_min, "sigma_max": method.sigma_max,
+               "sigma_max_rule": "max pairwise Euclidean distance of the training images in [0, 1]",
+               "train_seconds": train_seconds, "run_dir": str(run_dir), "overhead": overhead,
+               "fid_ratio_vanilla_over_pds": ratios, "configs": configs, "quick": quick}
+
+    def plot(fig):
+        ax1, ax2 = fig.subplots(1, 2)
+        for use_pds, style in ((False, "o-"), (True, "s-")):
+            pts = sorted((r["iterations"], r["fid[effnet]"], r["seconds_per_image"]) for r in rows
+                         if r["pds"] == use_pds)
+            label = "PDS" if use_pds else "vanilla PC"
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+            ax2.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
+        for ax, ylabel in ((ax1, "FID[effnet] (lower is better)"), (ax2, "seconds per image (CPU)")):
+            ax.set_xscale("log")
+            ax.set_xlabel("PC iterations N")
+            ax.set_ylabel(ylabel)
+            ax.legend()
+        ax1.set_yscale("log")
+        ax1.set_title(f"score-ve on {s.data} {s.resolution}², {s.n_samples} samples")
+
+    notes = (f"score-ve (σ_min = 0.01, σ_max = {method.sigma_max:.3f} = max pairwise distance of the training images "
+             f"in [0, 1]) trained {s.train_steps} steps at batch {s.batch_size} on {s.data} at {s.resolution}² "
+             f"({'reused run' if train_seconds is None else f'{train_seconds:.0f} s'}); PC sampler, snr {s.snr}, "
+             f"{s.n_samples} samples per row, FID[effnet] against {s.n_real} real images. "
+             f"PDS: frequency filter from {s.pds_images} training images, α = {s.pds_alpha}, no space filter. "
+             f"PDS overhead per iteration: {100 * overhead['pds_overhead_fraction']:.2f} % of the network's time "
+             f"(batch {s.sample_batch}).")
+    write_results(out_dir, "pds", results, rows, plot, notes=notes, started=started)
+    return results
