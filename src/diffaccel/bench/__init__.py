@@ -12,7 +12,9 @@ from diffaccel.errors import UserError
 
 BENCHMARKS: dict[str, str] = {
     "kl": "diffaccel.bench.kl:run",
+    "dvdp": "diffaccel.bench.dvdp:run",
     "baseline-speed": "diffaccel.bench.baseline_speed:run",
+    "pds": "diffaccel.bench.pds:run",
     "fid-sanity": "diffaccel.bench.fid_sanity:run",
     "lddgan": "diffaccel.bench.lddgan:run",
 }
