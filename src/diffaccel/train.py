@@ -258,7 +258,7 @@ class Trainer:
         """One optimisation step of every due phase on the same global batch; returns the phase losses."""
         acc, cfg = self.accelerator, self.cfg
         shard = x0.chunk(acc.num_processes)[acc.process_index].to(acc.device)
-        losses = {}
+        losses, stepped, skipped = {}, set(), set()
         for phase in self.phases:
             if self.step % phase.every:
                 continue
@@ -280,10 +280,14 @@ class Trainer:
             if not bool(finite):
                 opt.zero_grad(set_to_none=True)
                 losses[phase.name] = float("nan")
+                skipped.update(phase.networks)
                 continue
             opt.step()
+            stepped.update(phase.networks)
             losses[phase.name] = float(acc.reduce(total, "mean")) if acc.num_processes > 1 else float(total)
         for name, e in self.ema.items():
+            if name in skipped and name not in stepped:  # a skipped step leaves the EMA as it was, too
+                continue
             e.update_parameters(acc.unwrap_model(self.nets[name]))
         for name in list(self.nets):
             for p in self.nets[name].parameters():
