@@ -242,6 +242,13 @@ class Trainer:
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
             weights = flatten({n: acc.unwrap_model(net) for n, net in self.nets.items()})
             ema = flatten({n: e.module for n, e in self.ema.items()})
+            broken = next((k for t in (weights, ema) for k, v in t.items()
+                           if v.is_floating_point() and not torch.isfinite(v).all()), None)
+            if broken:  # a diverged network must never push the last good checkpoints out
+                self.log(f"step {self.step}: not saving a checkpoint, {broken} is not finite; "
+                         "the previous checkpoints are kept")
+                acc.wait_for_everyone()
+                return None
             path = save_checkpoint(self.run_dir / "checkpoints", self.step,
                                    {"method": self.method.name, "diffaccel_version": diffaccel.__version__},
                                    weights, ema, state, keep=self.cfg.keep_checkpoints)
