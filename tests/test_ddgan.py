@@ -244,3 +244,18 @@ def test_end_to_end_autoencoder_then_latent_ddgan(tmp_path):
     assert lat.shape == (2, 4, 4) and lat.images.abs().max() <= 1 + 1e-5
     with pytest.raises(UserError):
         LDDGAN(autoencoder=str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_lddgan_benchmark_quick(tmp_path):
+    from diffaccel.bench.lddgan import run
+
+    res = run(tmp_path / "out", quick=True, work_dir=tmp_path / "work")
+    labels = [r["label"] for r in res["rows"]]
+    assert labels == ["DDPM-1000", "DDIM-20", "DDGAN (pixel)", "LDDGAN adv", "LDDGAN adv+rec", "LDDGAN adv+rec+WL"]
+    by = {r["label"]: r for r in res["rows"]}
+    assert by["DDPM-1000"]["nfe"] == 1000 and by["DDIM-20"]["nfe"] == 20 and by["LDDGAN adv+rec+WL"]["nfe"] == 4
+    assert all(r["sec_per_100"] > 0 for r in res["rows"])
+    assert all("fid[effnet]" in r for r in res["rows"][1:])
+    for name in ("results.json", "results.md", "results.png", "samples.png"):
+        assert (tmp_path / "out" / name).is_file()
