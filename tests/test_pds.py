@@ -324,3 +324,13 @@ def test_pds_filter_cli(tmp_path, capsys):
     assert pre.freq.shape == (1, 8, 8) and pre.space.shape == (1, 8, 8)
     assert 1.0 - 1e-6 <= pre.freq.min() and pre.freq.max() <= 1.25 + 1e-6
     assert "saved PDS filters" in capsys.readouterr().out
+
+
+def test_pds_benchmark_quick(tmp_path):
+    from diffaccel.bench.pds import run
+
+    results = run(tmp_path, quick=True)
+    assert {(c["iterations"], c["pds"]) for c in results["configs"]} == {(8, False), (8, True), (2, False), (2, True)}
+    assert all(c["fid[effnet]"] >= 0 and c["seconds_per_image"] > 0 for c in results["configs"])
+    assert results["overhead"]["pds_overhead_fraction"] > 0
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "samples_N2_pds.png").is_file()

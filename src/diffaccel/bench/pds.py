@@ -46,8 +46,8 @@ class Settings:
     @classmethod
     def quick(cls) -> "Settings":
         return cls(data="digits", resolution=8, net={"preset": "tiny", "overrides": {
-            "block_out_channels": [16, 32], "norm_num_groups": 8}}, train_steps=4, batch_size=8, num_scales=20,
-            n_samples=16, n_real=64, sample_batch=16, timing_repeats=1, pds_images=32, run_dir="")
+            "block_out_channels": [16, 32], "norm_num_groups": 8}}, train_steps=2, batch_size=8, num_scales=8,
+            fractions=(1, 4), n_samples=8, n_real=32, sample_batch=8, timing_repeats=1, pds_images=32, run_dir="")
 
 
 def _train(s: Settings):
