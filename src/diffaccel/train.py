@@ -6,6 +6,7 @@ feeds every phase the same batch each step and keeps EMA copies of the networks 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -181,12 +182,24 @@ class Trainer:
         self.stream = BatchStream(self.dataset, cfg.batch_size, cfg.seed)
         self.step = 0
         self.nonfinite = 0
-        if resume:
-            self._load_latest()
-        else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if acc.is_main_process:
-                write_config(self.run_dir, self.config_dict())
+        with self._writes():
+            if resume:
+                self._load_latest()
+            else:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                if acc.is_main_process:
+                    write_config(self.run_dir, self.config_dict())
+
+    @contextlib.contextmanager
+    def _writes(self):
+        """A failed write into the run directory (disk full, read-only, not a folder) ends with one clear message."""
+        try:
+            yield
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            last = latest_valid(self.run_dir / "checkpoints", log=self.log)
+            raise UserError(f"cannot write to the run directory {self.run_dir}: {e.strerror or e}{where}; "
+                            f"last good checkpoint: {last or 'none'}") from None
 
     # --- configuration and resume --------------------------------------------------------------------------
     def config_dict(self) -> dict:
@@ -312,6 +325,10 @@ class Trainer:
         save_grid(images, path)
 
     def run(self) -> Path:
+        with self._writes():
+            return self._run()
+
+    def _run(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
         main = acc.is_main_process
         self.method.on_train_start(cfg.steps)
