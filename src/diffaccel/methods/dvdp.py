@@ -310,7 +310,7 @@ class DVDP(Method):
     def nfe(self, sampler: str = "ddim", steps: int = 20, **_) -> int:
         return self.T if sampler == "ddpm" else steps
 
-    def relative_cost(self, sampler: str = "ddim", steps: int = 20) -> float:
+    def relative_cost(self, sampler: str = "ddim", steps: int = 20, **_) -> float:
         """Network evaluations weighted by pixel count, in full-resolution evaluations (a DDPM of the same NFE = NFE)."""
         grid = self.time_grid(sampler, steps)
         return sum((len(times) - 1) / 4 ** (self.K - pos) for pos, times in enumerate(grid))
