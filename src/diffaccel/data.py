@@ -113,6 +113,8 @@ def _npz(path: Path) -> np.ndarray:
         raise UserError(f"cannot read .npz file {path}: {e}") from None
     if x.dtype.kind not in "uif":
         raise UserError(f"{path}: array {key!r} has dtype {x.dtype}, expected numbers")
+    if x.size == 0:
+        raise UserError(f"{path}: array {key!r} is empty (shape {x.shape})")
     if x.dtype.kind == "f":
         if not np.isfinite(x).all():
             raise UserError(f"{path}: array {key!r} contains NaN or Inf values")
