@@ -61,6 +61,7 @@ class AutoencoderMethod(Method):
         self.disc_start, self.holdout = float(disc_start), int(holdout)
         self.total_steps: int | None = None
         self.heldout: torch.Tensor | None = None
+        self.reference: torch.Tensor | None = None
         self._features = None
         self._last_recon = None
 
@@ -104,6 +105,7 @@ class AutoencoderMethod(Method):
         from diffaccel.data import ImageDataset
 
         if self.holdout == 0:
+            self.reference = dataset.images[:64]  # what the trainer's sample grids reconstruct
             return dataset
         if self.holdout >= len(dataset):
             raise UserError(f"--ae-holdout {self.holdout} leaves no training images out of {len(dataset)}")
@@ -158,6 +160,8 @@ class AutoencoderMethod(Method):
     def _reference_images(self, n: int) -> torch.Tensor:
         if self.heldout is not None:
             images = self.heldout
+        elif self.reference is not None:
+            images = self.reference
         else:
             run_dir = getattr(self, "run_dir", None)
             if run_dir is None:
