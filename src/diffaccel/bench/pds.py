@@ -51,26 +51,27 @@ class Settings:
 
 
 def _train(s: Settings):
-    """Train the score model, or reuse a finished run of the same settings (the bench can be re-run cheaply)."""
-    from diffaccel.methods.score_ve import ScoreVE, sigma_max_from_data
-    from diffaccel.data import load_dataset
-    from diffaccel.runs import load_run, read_config
-    from diffaccel.train import TrainConfig, train
-
+    """Train the score model, or reuse the latest valid checkpoint of an existing run directory (so that the
+    benchmark can be re-run, or sampled from a run stopped early, without training again).
+    Returns (method, net, run_dir, train_seconds or None, trained_steps)."""
     import tempfile
 
+    from diffaccel.checkpoint import latest_valid
+    from diffaccel.data import load_dataset
+    from diffaccel.methods.score_ve import ScoreVE, sigma_max_from_data
+    from diffaccel.runs import load_run
+    from diffaccel.train import TrainConfig, train
+
     run_dir = Path(s.run_dir) if s.run_dir else Path(tempfile.mkdtemp(prefix="diffaccel-pds-")) / "run"
+    if (run_dir / "config.yaml").is_file():
+        ckpt = latest_valid(run_dir / "checkpoints", log=lambda *_: None)
+        if ckpt is not None:
+            method, nets = load_run(run_dir, "cpu", checkpoint=ckpt)
+            return method, nets["net"], run_dir, None, int(ckpt.name.split("_")[-1])
     cfg = TrainConfig(data=s.data, resolution=s.resolution, net=s.net, batch_size=s.batch_size, lr=s.lr,
                       steps=s.train_steps, ema_decay=s.ema_decay, seed=s.seed, out=str(run_dir),
                       log_every=max(1, s.train_steps // 20), checkpoint_every=max(1, s.train_steps // 4),
                       device="cpu")
-    if (run_dir / "config.yaml").is_file() and read_config(run_dir)["train"]["steps"] == s.train_steps:
-        try:
-            method, nets = load_run(run_dir, "cpu")
-            if (run_dir / "checkpoints" / f"step_{s.train_steps:07d}").is_dir():
-                return method, nets["net"], run_dir, None
-        except Exception:  # an unfinished or broken run is trained again below
-            pass
     dataset = load_dataset(s.data, s.resolution)
     method = ScoreVE(sigma_max=sigma_max_from_data(dataset.images), num_scales=s.num_scales, data=s.data,
                      resolution=s.resolution)
@@ -78,7 +79,7 @@ def _train(s: Settings):
     train(cfg, method, dataset=dataset, progress=False)
     seconds = time.time() - started
     method, nets = load_run(run_dir, "cpu")
-    return method, nets["net"], run_dir, seconds
+    return method, nets["net"], run_dir, seconds, s.train_steps
 
 
 def _time(fn, repeats: int) -> float:
@@ -91,7 +92,8 @@ def _time(fn, repeats: int) -> float:
     return sorted(best)[len(best) // 2]  # median
 
 
-def run(out_dir: Path, quick: bool = False) -> dict:
+def run(out_dir: Path, quick: bool = False, **overrides) -> dict:
+    """Run the benchmark; ``overrides`` replace fields of :class:`Settings` (e.g. ``n_samples=512``)."""
     torch.set_num_threads(1)
     from diffaccel.bench.harness import write_results
     from diffaccel.data import load_dataset, save_grid
@@ -100,9 +102,10 @@ def run(out_dir: Path, quick: bool = False) -> dict:
 
     started = time.time()
     s = Settings.quick() if quick else Settings()
+    s = Settings(**{**asdict(s), **overrides})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    method, net, run_dir, train_seconds = _train(s)
+    method, net, run_dir, train_seconds, trained_steps = _train(s)
     net.eval()
     dataset = load_dataset(s.data, s.resolution)
     image_shape = dataset.shape
@@ -148,7 +151,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
               for k in by if k[1] is False}
     results = {"settings": asdict(s), "sigma_min": method.sigma_min, "sigma_max": method.sigma_max,
                "sigma_max_rule": "max pairwise Euclidean distance of the training images in [0, 1]",
-               "train_seconds": train_seconds, "run_dir": str(run_dir), "overhead": overhead,
+               "train_seconds": train_seconds, "trained_steps": trained_steps, "run_dir": str(run_dir), "overhead": overhead,
                "fid_ratio_vanilla_over_pds": ratios, "configs": configs, "quick": quick}
 
     def plot(fig):
@@ -168,7 +171,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         ax1.set_title(f"score-ve on {s.data} {s.resolution}², {s.n_samples} samples")
 
     notes = (f"score-ve (σ_min = 0.01, σ_max = {method.sigma_max:.3f} = max pairwise distance of the training images "
-             f"in [0, 1]) trained {s.train_steps} steps at batch {s.batch_size} on {s.data} at {s.resolution}² "
+             f"in [0, 1]) trained {trained_steps} steps at batch {s.batch_size} on {s.data} at {s.resolution}² "
              f"({'reused run' if train_seconds is None else f'{train_seconds:.0f} s'}); PC sampler, snr {s.snr}, "
              f"{s.n_samples} samples per row, FID[effnet] against {s.n_real} real images. "
              f"PDS: frequency filter from {s.pds_images} training images, α = {s.pds_alpha}, no space filter. "
