@@ -169,13 +169,46 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argp
         if not isinstance(values, dict):
             raise UserError(f"--config {args.config} must hold a mapping of flag names to values")
         known = set(vars(args))
-        unknown = sorted(k for k in (k.replace("-", "_") for k in values) if k not in known)
+        unknown = sorted(str(k) for k in values if not isinstance(k, str) or k.replace("-", "_") not in known)
         if unknown:
             raise UserError(f"--config {args.config}: unknown settings {unknown}")
         train_parser = parser._subparsers._group_actions[0].choices["train"]
-        train_parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+        actions = {a.dest: a for a in train_parser._actions}
+        train_parser.set_defaults(**{k.replace("-", "_"): _config_value(actions.get(k.replace("-", "_")), k, v,
+                                                                        args.config) for k, v in values.items()})
         args = parser.parse_args(argv)
     return args
+
+
+def _config_value(action, key: str, value, source):
+    """A --config value checked and converted as the same flag typed on the command line would be."""
+    if action is None or not action.option_strings:  # e.g. "command": nothing to convert
+        return value
+
+    def bad(why: str) -> UserError:
+        return UserError(f"--config {source}: {key}: {why}")
+
+    if value is None:
+        if action.default is None:
+            return None
+        raise bad(f"needs a value (default {action.default!r})")
+    if action.nargs == 0:  # on/off flags such as --hflip
+        if not isinstance(value, bool):
+            raise bad(f"must be true or false, got {value!r}")
+        return value
+    if isinstance(value, dict) and action.dest == "net_config":
+        value = json.dumps(value)  # a YAML mapping is the JSON text the flag takes
+    if isinstance(value, list) and all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value):
+        value = ",".join(str(v) for v in value)  # a YAML list is the comma-separated text the flag takes
+    if not isinstance(value, (str, int, float)):
+        raise bad(f"expected a single value, got {value!r}")
+    try:
+        converted = (action.type or str)(str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        raise bad(f"invalid value {value!r} ({e})") from None
+    if action.choices is not None and converted not in action.choices:
+        raise bad(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return converted
 
 
 def cmd_train(args: argparse.Namespace) -> None:
