@@ -43,11 +43,11 @@ class Settings:
     data: str = "mnist5k"
     resolution: int = 16
     net: dict = field(default_factory=lambda: {"preset": "tiny", "overrides": {
-        "block_out_channels": [16, 32], "norm_num_groups": 8}})
+        "block_out_channels": [8, 16], "norm_num_groups": 4}})
     steps: int = 600
-    eval_every: int = 150
+    eval_every: int = 200
     n_samples: int = 1000
-    sample_steps: int = 20
+    sample_steps: int = 10
     eta: float = 1.0
     lr: float = 1e-3
     ema_decay: float = 0.995
@@ -168,11 +168,15 @@ def _probe_one(job: tuple) -> dict:
             "memory_kind": "cuda max_memory_allocated" if cuda else "CPU peak RSS increase"}
 
 
-def _map(fn, jobs, workers: int):
+def _run_jobs(train_jobs: list, probe_jobs: list, workers: int) -> tuple[list, list]:
+    """Training runs first, then the cost probes, on ``workers`` processes; every job gets a fresh process
+    (``max_tasks_per_child=1``) so that a probe's peak memory is its own. One worker: all in this process."""
     if workers <= 1:
-        return [fn(j) for j in jobs]
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(fn, jobs))
+        return [_train_one(j) for j in train_jobs], [_probe_one(j) for j in probe_jobs]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+        trains = [pool.submit(_train_one, j) for j in train_jobs]
+        probes = [pool.submit(_probe_one, j) for j in probe_jobs]
+        return [f.result() for f in trains], [f.result() for f in probes]
 
 
 def summarize(train_results: list[dict], probes: list[dict]) -> tuple[dict, list[dict]]:
@@ -264,10 +268,8 @@ def run(out_dir: Path, quick: bool = False, settings: Settings | None = None, ru
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     jobs = [(label, name, kw, b, s, runs_dir / _slug(label), quick) for label, name, kw, b in chosen]
-    train_results = _map(_train_one, jobs, s.workers)
-    # cost probes one after the other, each in a fresh process, so memory and time are not shared
-    probes = [_map(_probe_one, [(label, name, kw, b, s, device, quick)], 1 if quick else 2)[0]
-              for label, name, kw, b in chosen]
+    probe_jobs = [(label, name, kw, b, s, device, quick) for label, name, kw, b in chosen]
+    train_results, probes = _run_jobs(jobs, probe_jobs, s.workers)
     models, rows = summarize(train_results, probes)
     for label in models:
         grid = runs_dir / _slug(label) / "samples.png"
