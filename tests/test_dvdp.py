@@ -406,3 +406,17 @@ def test_tiny_run_trains_checkpoints_resumes_and_samples_from_low_resolution_noi
                                **opts)
         assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
         assert sizes[0] == 4 and sizes[-1] == 8 and len(sizes) == loaded.nfe(**opts)
+
+
+@pytest.mark.slow  # five tiny training runs and five FID evaluations: tens of seconds on a loaded 2-core machine
+def test_benchmark_quick_smoke(tmp_path):
+    from diffaccel.bench import benchmark_function
+
+    results = benchmark_function("dvdp")(tmp_path / "out", quick=True, work_dir=tmp_path / "work")
+    assert [m["model"] for m in results["models"]] == ["DDPM", "DVDP T1=600", "subspace T1=600", "DDPM",
+                                                       "DVDP T={300,600}"]
+    for m in results["models"]:
+        assert m["train_s_per_iter"] > 0 and m["sample_s_per_image"] > 0 and math.isfinite(m["fid[effnet]"])
+    assert results["models"][4]["full_res_equivalent_nfe"] < results["models"][3]["full_res_equivalent_nfe"]
+    for name in ("results.json", "results.md", "results.png", "samples.png", "schedule.png"):
+        assert (tmp_path / "out" / name).is_file()
