@@ -244,16 +244,16 @@ def digits(n, seed=0):
 def test_score_images_keys_identity_and_cache(tmp_path):
     from diffaccel.evaluate import score_images
 
-    real = digits(60)
-    scores = score_images(real, real, cache=tmp_path / "c", kid_subset_size=30, kid_subsets=3)
+    real = digits(40)
+    scores = score_images(real, real, cache=tmp_path / "c", kid_subset_size=20, kid_subsets=3)
     assert set(scores) == {"fid[effnet]", "kid[effnet]", "kid_std[effnet]", "precision[effnet]", "recall[effnet]"}
     assert scores["fid[effnet]"] == pytest.approx(0.0, abs=1e-3)
     assert scores["precision[effnet]"] == 1.0 and scores["recall[effnet]"] == 1.0
     cached = list((tmp_path / "c" / "features").glob("*.pt"))
     assert len(cached) == 1 and "effnet-lite0-64" in cached[0].name
     # noise scores far worse than other real digits, and the cached real features are reused
-    noise = torch.rand(60, 1, 8, 8) * 2 - 1
-    other = score_images(real, digits(60, seed=1).float() / 127.5 - 1, cache=tmp_path / "c")
+    noise = torch.rand(40, 1, 8, 8) * 2 - 1
+    other = score_images(real, digits(40, seed=1).float() / 127.5 - 1, cache=tmp_path / "c")
     bad = score_images(real, noise, cache=tmp_path / "c")
     assert bad["fid[effnet]"] > 3 * other["fid[effnet]"]
     assert bad["precision[effnet]"] < other["precision[effnet]"]
@@ -266,7 +266,7 @@ def test_score_images_rejects_bad_input():
     real = torch.rand(10, 1, 8, 8) * 2 - 1
     for fake, msg in [(torch.full((10, 1, 8, 8), float("nan")), "NaN"), (real * 5, r"\[-1, 1\]"),
                       (torch.rand(10, 1, 16, 16), "differ in size"), (torch.rand(10, 8, 8), "C, H, W"),
-                      (real[:1], "at least 2")]:
+                      (real[:3], "at least 4")]:
         with pytest.raises(UserError, match=msg):
             score_images(real, fake, cache=False)
 

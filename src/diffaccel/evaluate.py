@@ -118,8 +118,9 @@ def score_images(real: torch.Tensor, fake: torch.Tensor, extractor: str = "effne
     fake = _check_images(fake, "fake")
     if real.shape[-2:] != fake.shape[-2:]:
         raise UserError(f"real and fake images differ in size: {tuple(real.shape[1:])} vs {tuple(fake.shape[1:])}")
-    if len(real) < 2 or len(fake) < 2:
-        raise UserError(f"need at least 2 images in each set, got {len(real)} real and {len(fake)} fake")
+    need = metric_options.get("pr_k", 3) + 1  # the k-NN radii of precision/recall need k + 1 samples
+    if len(real) < need or len(fake) < need:
+        raise UserError(f"need at least {need} images in each set, got {len(real)} real and {len(fake)} fake")
     common = dict(extractor=extractor, device=device, batch_size=batch_size, progress=progress,
                   weights_path=weights_path)
     real_f = features_of(real, cache=cache, desc="real features", name=real_name, **common)
@@ -209,7 +210,7 @@ def _reference_name(dataset) -> str:
 def evaluate_run(run_dir: str | Path, n: int = 10000, sampler_args=None, extractor: str = "effnet", device=None,
                  batch_size: int = 100, seed: int = 0, out: str | Path | None = None,
                  checkpoint: str | Path | None = None, inception_weights: str | Path | None = None, *,
-                 sampler_options: dict | None = None, save_images: bool = True, timing_trials: int = 5,
+                 sampler_options: dict | None = None, save_images: bool = True, timing_trials: int = 3,
                  progress: bool = True, cache: bool | str | Path = True) -> dict:
     """``diffaccel eval``: sample ``n`` images from a run's EMA network, save them as PNG, score them against
     the run's training data, time batches of 100, and write ``eval.json`` (default ``RUN_DIR/eval.json``).
@@ -223,6 +224,8 @@ def evaluate_run(run_dir: str | Path, n: int = 10000, sampler_args=None, extract
     from diffaccel.metrics.timing import summarize, time_batches
     from diffaccel.runs import load_run, read_config, write_atomic
 
+    if n < 4:
+        raise UserError(f"--n must be >= 4 to compute precision/recall (k = 3), got {n}")
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     device = _default_device() if device is None or (isinstance(device, str) and device == "auto") \
@@ -279,8 +282,8 @@ def training_evaluator(dataset, n: int = 1000, extractor: str = "effnet", sample
     ``dataset`` (an ``ImageDataset`` or an image tensor). The reference features are computed at the first
     call and cached. The returned dict (``fid[effnet]``, ``kid[effnet]``, ..., ``nfe``, ``eval_seconds``) is
     logged to metrics.jsonl by the trainer."""
-    if n < 2:
-        raise UserError(f"--eval-n must be >= 2, got {n}")
+    if n < 4:
+        raise UserError(f"--eval-n must be >= 4, got {n}")
     images = dataset.images if hasattr(dataset, "images") else dataset
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise UserError("the evaluation reference must be an image dataset [N, C, H, W]")
