@@ -258,6 +258,11 @@ def test_score_images_keys_identity_and_cache(tmp_path):
     assert bad["fid[effnet]"] > 3 * other["fid[effnet]"]
     assert bad["precision[effnet]"] < other["precision[effnet]"]
     assert len(list((tmp_path / "c" / "features").glob("*.pt"))) == 1
+    # a corrupt cache entry is recomputed, not trusted
+    cached[0].write_bytes(b"not a tensor")
+    again = score_images(real, real, cache=tmp_path / "c", kid_subset_size=20, kid_subsets=3)
+    assert again["fid[effnet]"] == pytest.approx(scores["fid[effnet]"], abs=1e-6)
+    assert torch.load(cached[0], weights_only=True).shape == (40, 1280)
 
 
 def test_score_images_rejects_bad_input():

@@ -75,9 +75,12 @@ def features_of(images: torch.Tensor, extractor: str = "effnet", device=None, ba
         path = folder / f"{prefix + '-' if prefix else ''}{net.spec()}-{_content_hash(images)}.pt"
         if path.is_file():
             try:
-                return torch.load(path, weights_only=True)
-            except Exception:  # a corrupt cache entry is recomputed, never trusted
-                path.unlink(missing_ok=True)
+                feats = torch.load(path, weights_only=True)
+                if isinstance(feats, torch.Tensor) and feats.shape == (len(images), net.num_features):
+                    return feats
+            except Exception:
+                pass
+            path.unlink(missing_ok=True)  # a corrupt cache entry is recomputed, never trusted
     feats = extract_features(net, images, batch_size=batch_size, progress=progress, desc=desc)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
