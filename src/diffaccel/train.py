@@ -296,7 +296,7 @@ class Trainer:
             norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
             finite = torch.isfinite(total) & torch.isfinite(torch.as_tensor(norm, device=total.device))
             if acc.num_processes > 1:  # every rank must agree, or one would step and the others not
-                finite = acc.reduce(finite.float(), "min").bool()
+                finite = acc.reduce(finite.float(), "sum") == acc.num_processes  # reduce has no "min"
             if not bool(finite):
                 opt.zero_grad(set_to_none=True)
                 losses[phase.name] = float("nan")
