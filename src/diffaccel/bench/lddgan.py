@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 
 from diffaccel.bench.harness import write_results
-from diffaccel.data import load_dataset, save_grid
+from diffaccel.data import ImageDataset, load_dataset, save_grid
 from diffaccel.evaluate import score_images
 from diffaccel.methods.autoencoder import AutoencoderMethod, evaluate_reconstruction
 from diffaccel.methods.baseline import Baseline
 from diffaccel.methods.ddgan import DDGAN, LDDGAN
 from diffaccel.train import Trainer, TrainConfig
 
-FULL = dict(data_limit=None, ae_budget=480.0, ae_batch=32, ae_lr=1e-3, budget=420.0, batch=64, n_eval=400,
-            n_ref=1000, ae_holdout=500, timing_batch=100, timing_trials=3, ddpm_probe_calls=10,
+FULL = dict(data_limit=None, ae_budget=540.0, ae_batch=32, ae_lr=1e-3, budget=330.0, batch=64, n_eval=300,
+            n_ref=1000, ae_holdout=500, timing_batch=100, timing_trials=2, ddpm_probe_calls=10,
             unet_widths=(16, 32), gan_preset="tiny", ae_preset="tiny")
 QUICK = dict(data_limit=64, ae_budget=1.0, ae_batch=16, ae_lr=1e-3, budget=1.0, batch=16, n_eval=12, n_ref=32,
              ae_holdout=16, timing_batch=4, timing_trials=1, ddpm_probe_calls=1, unet_widths=(16, 32),
@@ -44,14 +44,15 @@ def _log(msg: str) -> None:
     print(f"[lddgan {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train_for(cfg: TrainConfig, method, budget_s: float, probe_steps: int = 5) -> tuple[Trainer, dict]:
+def train_for(cfg: TrainConfig, method, budget_s: float, dataset=None, probe_steps: int = 5
+              ) -> tuple[Trainer, dict]:
     """Train with the project trainer until ``budget_s`` seconds of optimisation have passed.
 
     Methods whose loss depends on the run's length (Weighted Learning) are told the number of steps the budget
     allows, estimated from the first ``probe_steps`` steps.
     """
     t_init = time.perf_counter()
-    tr = Trainer(cfg, method, progress=False, log=_log)
+    tr = Trainer(cfg, method, dataset=dataset, progress=False, log=_log)
     init_s = time.perf_counter() - t_init
     method.on_train_start(cfg.steps)
     for net in tr.nets.values():
@@ -102,7 +103,10 @@ def run(out_dir: Path, quick: bool = False, work_dir: Path | None = None) -> dic
     out_dir.mkdir(parents=True, exist_ok=True)
     own_work = work_dir is None
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="diffaccel-lddgan-"))
-    data = load_dataset("mnist5k", limit=P["data_limit"])
+    loaded = load_dataset("mnist5k", limit=P["data_limit"])
+    # the bundled digits are sorted by class: shuffle once so held-out and reference sets hold every digit
+    perm = torch.randperm(len(loaded), generator=torch.Generator().manual_seed(0))
+    data = ImageDataset(loaded.images[perm], loaded.name)
     image_shape = data.shape
     real_ref = data.images[:P["n_ref"]]
     metric_opts = dict(kid_subset_size=min(1000, P["n_eval"], P["n_ref"]))
@@ -127,16 +131,17 @@ def run(out_dir: Path, quick: bool = False, work_dir: Path | None = None) -> dic
     # 1. autoencoder ------------------------------------------------------------------------------------------
     _log("training the autoencoder")
     ae_method = AutoencoderMethod(factor=4, latent_channels=4, perceptual_weight=0.0, adv_weight=0.1,
-                                  disc_start=0.25, holdout=P["ae_holdout"])
+                                  disc_start=0.5, holdout=P["ae_holdout"], l2_weight=1.0)
     tr, info = train_for(cfg("autoencoder", {"preset": P["ae_preset"]}, lr=P["ae_lr"],
-                                 batch_size=P["ae_batch"]), ae_method, P["ae_budget"])
+                                 batch_size=P["ae_batch"]), ae_method, P["ae_budget"], dataset=data)
     ae_run = tr.run_dir
     ae = tr.ema["autoencoder"].module.eval()
     heldout = ae_method.heldout
     rec = evaluate_reconstruction(ae, heldout, "cpu", extractor="effnet")
     results["autoencoder"] = {**info, "factor": 4, "latent_channels": 4, "latent_shape": list(ae.latent_shape),
                               "heldout_psnr_db": rec["psnr"], "heldout_rfid[effnet]": rec["fid[effnet]"],
-                              "heldout_n": rec["n"], "perceptual_weight": 0.0, "adv_weight": 0.1}
+                              "heldout_n": rec["n"], "perceptual_weight": 0.0, "adv_weight": 0.1,
+                              "l2_weight": 1.0}
     with torch.inference_mode():
         x = heldout[:8].float() / 127.5 - 1
         grids["autoencoder"] = torch.stack([x, ae(x)[0].clamp(-1, 1)], 1).flatten(0, 1)
@@ -159,7 +164,7 @@ def run(out_dir: Path, quick: bool = False, work_dir: Path | None = None) -> dic
         if method is None:
             method = LDDGAN(autoencoder=str(ae_run), T=4, gen_loss=gen_losses[name])
         _log(f"training {name} for {P['budget']} s")
-        tr, info = train_for(cfg(name, net_cfg), method, P["budget"])
+        tr, info = train_for(cfg(name, net_cfg), method, P["budget"], dataset=data)
         net = tr.ema[method.sampling_network].module.eval()
         trained[name] = (method, net)
         results["models"][name] = {"train": info, "parameters": sum(p.numel() for p in net.parameters())}

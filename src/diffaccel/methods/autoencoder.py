@@ -1,4 +1,7 @@
-"""Autoencoder training for LDDGAN (paper §4.2): VQGAN-like, L1 + patch-adversarial (+ perceptual) loss.
+"""Autoencoder training for LDDGAN (paper §4.2): VQGAN-like, L1 (+ MSE) + patch-adversarial (+ perceptual) loss.
+
+The MSE term (``l2_weight``, default 1) is ours: with L1 alone a fresh autoencoder sits for hundreds of steps
+on the per-pixel median (a blank image) of mostly-background data such as digits.
 
 No KL penalty by default (the paper lets the latent space find its own shape); ``kl_penalty > 0`` adds, for the
 Table 7 ablation, the KL divergence of the per-channel latent distribution (moments over batch and positions)
@@ -45,20 +48,20 @@ class AutoencoderMethod(Method):
     sampling_network = "autoencoder"
 
     def __init__(self, factor: int = 4, latent_channels: int = 4, kl_penalty: float = 0.0, adv_weight: float = 0.1,
-                 perceptual_weight: float = 0.1, disc_start: float = 0.25, holdout: int = 0):
+                 perceptual_weight: float = 0.1, disc_start: float = 0.5, holdout: int = 0, l2_weight: float = 1.0):
         if factor not in FACTORS:
             raise UserError(f"--ae-factor must be one of {FACTORS}, got {factor}")
         if latent_channels < 1:
             raise UserError(f"--latent-channels must be >= 1, got {latent_channels}")
-        if min(kl_penalty, adv_weight, perceptual_weight) < 0:
-            raise UserError("--kl-penalty, --ae-adv-weight and --perceptual-weight must be >= 0")
+        if min(kl_penalty, adv_weight, perceptual_weight, l2_weight) < 0:
+            raise UserError("--kl-penalty, --ae-adv-weight, --perceptual-weight and --ae-l2-weight must be >= 0")
         if not 0 <= disc_start <= 1:
             raise UserError(f"--ae-disc-start is a fraction of training in [0, 1], got {disc_start}")
         if holdout < 0:
             raise UserError(f"--ae-holdout must be >= 0, got {holdout}")
         self.factor, self.latent_channels, self.kl_penalty = int(factor), int(latent_channels), float(kl_penalty)
         self.adv_weight, self.perceptual_weight = float(adv_weight), float(perceptual_weight)
-        self.disc_start, self.holdout = float(disc_start), int(holdout)
+        self.disc_start, self.holdout, self.l2_weight = float(disc_start), int(holdout), float(l2_weight)
         self.total_steps: int | None = None
         self.heldout: torch.Tensor | None = None
         self.reference: torch.Tensor | None = None
@@ -68,7 +71,7 @@ class AutoencoderMethod(Method):
     def config(self) -> dict:
         return {"factor": self.factor, "latent_channels": self.latent_channels, "kl_penalty": self.kl_penalty,
                 "adv_weight": self.adv_weight, "perceptual_weight": self.perceptual_weight,
-                "disc_start": self.disc_start, "holdout": self.holdout}
+                "disc_start": self.disc_start, "holdout": self.holdout, "l2_weight": self.l2_weight}
 
     @staticmethod
     def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -80,7 +83,10 @@ class AutoencoderMethod(Method):
         group.add_argument("--ae-adv-weight", type=float, default=0.1, help="autoencoder: patch-adversarial weight")
         group.add_argument("--perceptual-weight", type=float, default=0.1,
                            help="autoencoder: EfficientNet perceptual loss weight (0 turns it off)")
-        group.add_argument("--ae-disc-start", type=float, default=0.25,
+        group.add_argument("--ae-l2-weight", type=float, default=1.0,
+                           help="autoencoder: weight of an MSE term beside L1 (L1 alone stalls on the blank "
+                                "background of digit images)")
+        group.add_argument("--ae-disc-start", type=float, default=0.5,
                            help="autoencoder: fraction of training after which the adversarial term is used")
         group.add_argument("--ae-holdout", type=int, default=0,
                            help="autoencoder: last N dataset images kept out of training for evaluation")
@@ -89,7 +95,7 @@ class AutoencoderMethod(Method):
     def from_args(cls, args: argparse.Namespace) -> "AutoencoderMethod":
         return cls(factor=args.ae_factor, latent_channels=args.latent_channels, kl_penalty=args.kl_penalty,
                    adv_weight=args.ae_adv_weight, perceptual_weight=args.perceptual_weight,
-                   disc_start=args.ae_disc_start, holdout=args.ae_holdout)
+                   disc_start=args.ae_disc_start, holdout=args.ae_holdout, l2_weight=args.ae_l2_weight)
 
     def on_train_start(self, total_steps: int) -> None:
         self.total_steps = int(total_steps)
@@ -128,7 +134,7 @@ class AutoencoderMethod(Method):
             p.requires_grad_(False)
         recon, h, vq_loss = ae(x0)
         self._last_recon = (x0.data_ptr(), x0.shape, recon.detach())
-        loss = (recon - x0).abs().mean() + vq_loss
+        loss = (recon - x0).abs().mean() + self.l2_weight * (recon - x0).pow(2).mean() + vq_loss
         if self.adv_weight > 0 and step >= self.disc_start * (self.total_steps or 0):
             loss = loss + self.adv_weight * F.softplus(-disc(recon)).mean()
         if self.kl_penalty > 0:
