@@ -542,3 +542,30 @@ def test_fuzz_npz_loader(array, key, channels, raw, tmp_path_factory):
         return
     x = ds.get_batch(torch.arange(len(ds)))
     assert x.ndim == 4 and torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1
+
+
+# --- diffaccel doctor -------------------------------------------------------------------------------------------
+def test_doctor_reports_versions_and_a_healthy_run(good_run, capsys):
+    from diffaccel.doctor import doctor
+
+    assert doctor(good_run) is True
+    out = capsys.readouterr().out
+    for word in ("torch", "diffusers", "accelerate", "torchmetrics", "mnist5k", "digits", "effnet", "inception",
+                 "step_0000002", "step_0000004", "metrics.jsonl"):
+        assert word in out
+    assert "everything looks fine" in out
+
+
+def test_doctor_finds_broken_checkpoints_foreign_weights_and_bad_metrics_lines(good_run, tmp_path, capsys):
+    from diffaccel.doctor import doctor
+
+    run = copy_run(good_run, tmp_path)
+    weights = run / "checkpoints" / "step_0000004" / "ema.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo\n')
+    assert doctor(run, out=print) is False
+    out = capsys.readouterr().out
+    assert "step_0000004" in out and "BROKEN" in out and "ema.safetensors" in out
+    assert "PARSE ERRORS" in out and "lines [5]" in out
+    assert "step_0000002                      ok" in out
