@@ -152,6 +152,10 @@ class Trainer:
             raise UserError(f"run directory {self.run_dir} already exists and is not empty; "
                             "pass --resume to continue it or choose another --out")
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state:  # a second Trainer in this process (tests, notebooks, benchmarks):
+            AcceleratorState._reset_state(reset_partial_state=False)  # else a new mixed_precision is refused
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
         acc = self.accelerator
         if cfg.batch_size % acc.num_processes:
