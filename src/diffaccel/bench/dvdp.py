@@ -144,91 +144,109 @@ def _sample_grid_figure(grids: list[tuple[str, torch.Tensor]], path: Path) -> No
     plt.close(fig)
 
 
-def run(out_dir: Path, quick: bool = False, settings: Settings | None = None, work_dir: Path | None = None) -> dict:
+def run_setting(setting: int, s: Settings, work: Path) -> dict:
+    """Time, train, sample and score the models of one setting; saved to ``work/setting{setting}.pt`` so that the
+    settings can run in separate processes and an interrupted benchmark keeps its finished trainings."""
     from diffaccel.data import load_dataset
     from diffaccel.evaluate import score_images
     from diffaccel.methods import build_method
     from diffaccel.runs import load_run, read_metrics
     from diffaccel.train import TrainConfig, train
 
+    resolution = s.resolutions[setting]
+    ds = load_dataset(s.data, resolution=resolution, limit=s.data_limit)
+    shape = tuple(ds.shape)
+    entries = models(setting)
+    methods = [build_method(name, kwargs) for _, name, kwargs in entries]
+    tag = f"{s.data}-{resolution}"
+
+    # 1. training speed at equal batch, interleaved
+    nets = []
+    for m in methods:
+        torch.manual_seed(s.seed)
+        nets.append(m.build_networks(s.net, shape)["net"])
+    torch.manual_seed(s.seed)
+    x = ds.get_batch(torch.arange(s.batch_size) % len(ds))
+    train_s = _timing(methods, nets, x, s)
+    del nets
+
+    # 2. equal-step training of every model with the project's trainer (a finished run is reused)
+    runs = []
+    for (label, _, _), m in zip(entries, methods):
+        out = work / f"{setting}-{tag}" / label.replace(" ", "_").replace("/", "_")
+        cfg = TrainConfig(data=s.data, resolution=resolution, data_limit=s.data_limit, net=s.net,
+                          batch_size=s.batch_size, lr=s.lr, steps=s.steps[setting], ema_decay=s.ema_decay,
+                          seed=s.seed, out=str(out), checkpoint_every=s.steps[setting],
+                          log_every=max(1, s.steps[setting] // 10), sample_n=16,
+                          sample_options={"sampler": "ddim", "steps": s.sample_steps, "eta": s.eta}, device="cpu")
+        t0 = time.perf_counter()
+        runs.append(train(cfg, m, dataset=ds, progress=False, log=lambda *_: None,
+                          resume=(out / "config.yaml").is_file()))
+        print(f"[dvdp bench] {tag} {label}: trained {s.steps[setting]} steps in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+
+    # 3. samples for FID, in chunks interleaved across models so load changes hit all alike
+    loaded = [load_run(r) for r in runs]
+    fakes = [[] for _ in runs]
+    sample_time = [0.0 for _ in runs]
+    opts = {"sampler": "ddim", "steps": s.sample_steps, "eta": s.eta}
+    for c, start in enumerate(range(0, s.n_samples, s.sample_batch)):
+        n = min(s.sample_batch, s.n_samples - start)
+        for i, (m, nets) in enumerate(loaded):
+            g = torch.Generator().manual_seed(s.seed * 1000 + c)
+            t0 = time.perf_counter()
+            fakes[i].append(m.sample(nets["net"], n, shape, generator=g, progress=False, **opts).clamp(-1, 1))
+            sample_time[i] += time.perf_counter() - t0
+    print(f"[dvdp bench] {tag}: sampled {s.n_samples} images per model", flush=True)
+
+    base_train, base_sample = train_s[0], sample_time[0] / s.n_samples
+    result = {"entries": [], "rows": [], "grids": []}
+    for i, ((label, name, kwargs), (m, _)) in enumerate(zip(entries, loaded)):
+        fake = torch.cat(fakes[i])
+        scores = score_images(ds.images, fake, "effnet")
+        losses = [r["loss"] for r in read_metrics(runs[i]) if "loss" in r]
+        cost = m.relative_cost(**opts) if hasattr(m, "relative_cost") else float(m.nfe(**opts))
+        entry = {"setting": tag, "model": label, "method": name, "method_config": m.config(),
+                 "train_s_per_iter": train_s[i], "train_speedup": base_train / train_s[i],
+                 "sample_s_per_image": sample_time[i] / s.n_samples,
+                 "sample_speedup": base_sample / (sample_time[i] / s.n_samples),
+                 "nfe": m.nfe(**opts), "full_res_equivalent_nfe": cost, "final_loss": losses[-1] if losses else None,
+                 **scores}
+        result["entries"].append(entry)
+        result["rows"].append({"setting": tag, "model": label, "train s/iter": entry["train_s_per_iter"],
+                               "train speed-up": entry["train_speedup"], "sample s/image": entry["sample_s_per_image"],
+                               "sampling speed-up": entry["sample_speedup"], "NFE": entry["nfe"],
+                               "full-res NFE": cost, "FID[effnet]": scores["fid[effnet]"],
+                               "KID[effnet]": scores["kid[effnet]"], "precision": scores["precision[effnet]"],
+                               "recall": scores["recall[effnet]"]})
+        result["grids"].append((f"{tag} {label}\nFID[effnet] {scores['fid[effnet]']:.2f}", fake[:36]))
+        print(f"[dvdp bench] {tag} {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in result["rows"][-1].items()
+                                                        if isinstance(v, float)), flush=True)
+    torch.save(result, work / f"setting{setting}.pt")
+    return result
+
+
+def run(out_dir: Path, quick: bool = False, settings: Settings | None = None, work_dir: Path | None = None,
+        only: int | None = None) -> dict:
+    """Run every setting (or only setting ``only``); once every setting's result is in ``work_dir``, write the
+    results (JSON, markdown table, plot, sample grid, schedule plot) into ``out_dir``."""
     started = time.time()
     torch.set_num_threads(1)
     s = settings or (Settings.quick() if quick else Settings())
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bench-dvdp-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for setting in range(len(s.resolutions)) if only is None else [only]:
+        run_setting(setting, s, work)
+    files = [work / f"setting{i}.pt" for i in range(len(s.resolutions))]
+    if not all(f.is_file() for f in files):
+        return {}
+    parts = [torch.load(f, weights_only=False) for f in files]  # our own files, written above
+    rows = [r for p in parts for r in p["rows"]]
+    results = {"settings": asdict(s), "work_dir": str(work), "models": [e for p in parts for e in p["entries"]]}
+    out_dir.mkdir(parents=True, exist_ok=True)
     plot_schedule(out_dir / "schedule.png")
-
-    rows, results, grids = [], {"settings": asdict(s), "work_dir": str(work), "models": []}, []
-    for setting, resolution in enumerate(s.resolutions):
-        ds = load_dataset(s.data, resolution=resolution, limit=s.data_limit)
-        shape = tuple(ds.shape)
-        entries = models(setting)
-        methods = [build_method(name, kwargs) for _, name, kwargs in entries]
-        tag = f"{s.data}-{resolution}"
-
-        # 1. training speed at equal batch, interleaved
-        nets = []
-        for m in methods:
-            torch.manual_seed(s.seed)
-            nets.append(m.build_networks(s.net, shape)["net"])
-        torch.manual_seed(s.seed)
-        x = ds.get_batch(torch.arange(s.batch_size) % len(ds))
-        train_s = _timing(methods, nets, x, s)
-        del nets
-
-        # 2. equal-step training of every model with the project's trainer
-        runs = []
-        for (label, _, _), m in zip(entries, methods):
-            cfg = TrainConfig(data=s.data, resolution=resolution, data_limit=s.data_limit, net=s.net,
-                              batch_size=s.batch_size, lr=s.lr, steps=s.steps[setting], ema_decay=s.ema_decay,
-                              seed=s.seed, out=str(work / f"{setting}-{tag}" / label.replace(" ", "_").replace("/", "_")),
-                              checkpoint_every=s.steps[setting], log_every=max(1, s.steps[setting] // 10),
-                              sample_n=16, sample_options={"sampler": "ddim", "steps": s.sample_steps, "eta": s.eta},
-                              device="cpu")
-            t0 = time.perf_counter()
-            runs.append(train(cfg, m, dataset=ds, progress=False, log=lambda *_: None))
-            print(f"[dvdp bench] {tag} {label}: trained {s.steps[setting]} steps in {time.perf_counter() - t0:.0f} s",
-                  flush=True)
-
-        # 3. samples for FID, in chunks interleaved across models so load changes hit all alike
-        loaded = [load_run(r) for r in runs]
-        fakes = [[] for _ in runs]
-        sample_time = [0.0 for _ in runs]
-        opts = {"sampler": "ddim", "steps": s.sample_steps, "eta": s.eta}
-        for c, start in enumerate(range(0, s.n_samples, s.sample_batch)):
-            n = min(s.sample_batch, s.n_samples - start)
-            for i, (m, nets) in enumerate(loaded):
-                g = torch.Generator().manual_seed(s.seed * 1000 + c)
-                t0 = time.perf_counter()
-                fakes[i].append(m.sample(nets["net"], n, shape, generator=g, progress=False, **opts).clamp(-1, 1))
-                sample_time[i] += time.perf_counter() - t0
-        print(f"[dvdp bench] {tag}: sampled {s.n_samples} images per model", flush=True)
-
-        base_train, base_sample = train_s[0], sample_time[0] / s.n_samples
-        for i, ((label, name, kwargs), (m, _)) in enumerate(zip(entries, loaded)):
-            fake = torch.cat(fakes[i])
-            scores = score_images(ds.images, fake, "effnet")
-            losses = [r["loss"] for r in read_metrics(runs[i]) if "loss" in r]
-            cost = m.relative_cost(**opts) if hasattr(m, "relative_cost") else float(m.nfe(**opts))
-            entry = {"setting": tag, "model": label, "method": name, "method_config": m.config(),
-                     "train_s_per_iter": train_s[i], "train_speedup": base_train / train_s[i],
-                     "sample_s_per_image": sample_time[i] / s.n_samples,
-                     "sample_speedup": base_sample / (sample_time[i] / s.n_samples),
-                     "nfe": m.nfe(**opts), "full_res_equivalent_nfe": cost, "final_loss": losses[-1] if losses else None,
-                     **scores}
-            results["models"].append(entry)
-            rows.append({"setting": tag, "model": label, "train s/iter": entry["train_s_per_iter"],
-                         "train speed-up": entry["train_speedup"], "sample s/image": entry["sample_s_per_image"],
-                         "sampling speed-up": entry["sample_speedup"], "NFE": entry["nfe"],
-                         "full-res NFE": cost, "FID[effnet]": scores["fid[effnet]"],
-                         "KID[effnet]": scores["kid[effnet]"], "precision": scores["precision[effnet]"],
-                         "recall": scores["recall[effnet]"]})
-            grids.append((f"{tag} {label}\nFID[effnet] {scores['fid[effnet]']:.2f}", fake[:36]))
-            print(f"[dvdp bench] {tag} {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items()
-                                                            if isinstance(v, float)), flush=True)
-
-    _sample_grid_figure(grids, out_dir / "samples.png")
+    _sample_grid_figure([g for p in parts for g in p["grids"]], out_dir / "samples.png")
 
     def plot(fig):
         axes = fig.subplots(1, 3)
