@@ -158,6 +158,9 @@ class Trainer:
             AcceleratorState._reset_state(reset_partial_state=False)  # else a new mixed_precision is refused
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
         acc = self.accelerator
+        if cfg.mixed_precision == "fp16" and acc.device.type == "cpu" and acc.is_main_process:
+            self.log("warning: --mixed-precision fp16 has no effect on the CPU (accelerate trains in float32 "
+                     "there); bf16 does work on the CPU")
         if cfg.batch_size % acc.num_processes:
             raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {acc.num_processes} processes")
         set_seed(cfg.seed + acc.process_index)  # each rank draws its own noise; data order is global
