@@ -569,3 +569,13 @@ def test_doctor_finds_broken_checkpoints_foreign_weights_and_bad_metrics_lines(g
     assert "step_0000004" in out and "BROKEN" in out and "ema.safetensors" in out
     assert "PARSE ERRORS" in out and "lines [5]" in out
     assert "step_0000002                      ok" in out
+
+
+def test_several_trainers_in_one_process_may_change_mixed_precision(tmp_path):
+    logs = []
+    for i, precision in enumerate(["no", "bf16", "fp16"]):
+        train(tiny_cfg(tmp_path / f"run{i}", steps=1, mixed_precision=precision), Toy(), progress=False,
+              log=logs.append)
+        assert verify(tmp_path / f"run{i}" / "checkpoints" / "step_0000001")["step"] == 1
+    # fp16 autocast does not exist on the CPU in accelerate: say so rather than silently train in float32
+    assert sum("fp16 has no effect on the CPU" in line for line in logs) == 1
