@@ -129,7 +129,7 @@ def _sample_grid_figure(grids: list[tuple[str, torch.Tensor]], path: Path) -> No
 
     from diffaccel.data import to_uint8
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.8), squeeze=False)
     for ax, (title, images) in zip(axes[0], grids):
         n = min(len(images), 36)
         side = int(n**0.5)
@@ -140,7 +140,7 @@ def _sample_grid_figure(grids: list[tuple[str, torch.Tensor]], path: Path) -> No
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -238,6 +238,12 @@ def run(out_dir: Path, quick: bool = False, settings: Settings | None = None, wo
     work.mkdir(parents=True, exist_ok=True)
     for setting in range(len(s.resolutions)) if only is None else [only]:
         run_setting(setting, s, work)
+    return write(out_dir, s, work, started)
+
+
+def write(out_dir: Path, s: Settings, work: Path, started: float | None = None) -> dict:
+    """Merge the settings' saved results in ``work`` into ``out_dir`` (nothing is written until all are there)."""
+    out_dir, work = Path(out_dir), Path(work)
     files = [work / f"setting{i}.pt" for i in range(len(s.resolutions))]
     if not all(f.is_file() for f in files):
         return {}
