@@ -187,6 +187,13 @@ def _reflect(filt: torch.Tensor) -> torch.Tensor:
     return filt[..., idx_h, :][..., idx_w]
 
 
+def representative_images(dataset, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` images of a dataset drawn at random with a fixed seed (datasets such as mnist5k are sorted by class,
+    so the first ``n`` would describe one class only), in [-1, 1]."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return dataset.to_model_space(dataset.images[order])
+
+
 def build_preconditioner(images: torch.Tensor | None = None, *, alpha: float = 5.0, use_space: bool = False,
                          filter_file: str | Path | None = None, solenoid: ShiftSolenoid | None = None
                          ) -> Preconditioner:
@@ -265,8 +272,8 @@ def pds_filter_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1:
         raise UserError(f"--images must be >= 1, got {args.images}")
-    dataset = load_dataset(args.data, resolution=args.resolution, channels=args.channels, limit=args.images)
-    images = dataset.to_model_space(dataset.images[:args.images])
+    dataset = load_dataset(args.data, resolution=args.resolution, channels=args.channels)
+    images = representative_images(dataset, args.images)
     pre = Preconditioner(frequency_filter(images, args.alpha), space_filter(images, args.alpha) if args.space else None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,7 @@ class ScoreVE(Method):
     def preconditioner(self, image_shape, *, pds_alpha: float = 5.0, pds_space: bool = False,
                        pds_filter: str | None = None, pds_images: int = 200, device=None):
         """The PDS preconditioner from a filter file or from ``pds_images`` training images (cached)."""
-        from diffaccel.methods.pds import build_preconditioner
+        from diffaccel.methods.pds import build_preconditioner, representative_images
 
         key = (tuple(image_shape), pds_alpha, pds_space, pds_filter, pds_images)
         if key not in self._pds_cache:
@@ -133,9 +133,8 @@ class ScoreVE(Method):
                     raise UserError("--pds needs --pds-filter FILE (this run does not record its training data)")
                 from diffaccel.data import load_dataset
 
-                dataset = load_dataset(self.data, resolution=self.resolution, channels=self.channels,
-                                       limit=pds_images)
-                images = dataset.to_model_space(dataset.images[:pds_images])
+                dataset = load_dataset(self.data, resolution=self.resolution, channels=self.channels)
+                images = representative_images(dataset, pds_images)
             pre = build_preconditioner(images, alpha=pds_alpha, use_space=pds_space, filter_file=pds_filter)
             pre.check_shape(tuple(image_shape))
             self._pds_cache[key] = pre
