@@ -228,7 +228,8 @@ class Trainer:
             if list_checkpoints(self.run_dir / "checkpoints"):
                 raise UserError(f"no usable checkpoint in {self.run_dir / 'checkpoints'}: every one is broken")
             self.log(f"{self.run_dir} has no checkpoint yet: starting from step 0")
-            truncate_metrics(self.run_dir, 0)
+            if self.accelerator.is_main_process:  # one writer: ranks replacing the same file would race
+                truncate_metrics(self.run_dir, 0)
             return
         meta, weights, ema, state = load_checkpoint(ckpt)
         if meta.get("method") != self.method.name:
