@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,9 +247,16 @@ class Trainer:
         self.stream.load(state["data"])
         self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
         _set_rng_state(state["rng"][min(acc.process_index, len(state["rng"]) - 1)])
+        acc.wait_for_everyone()  # every rank has chosen and read its checkpoint before rank 0 moves any
         truncate_metrics(self.run_dir, self.step) if acc.is_main_process else None
         if acc.is_main_process:  # record the settings the run continues with (e.g. a larger --steps)
             write_config(self.run_dir, self.config_dict())
+            for broken in (c for c in list_checkpoints(ckpt.parent) if c.name > ckpt.name):
+                # newer checkpoints that failed verification: kept for inspection, but out of the way of pruning
+                # (they would otherwise count among --keep-checkpoints and push good ones out)
+                shutil.rmtree(broken.with_name(f".broken_{broken.name}"), ignore_errors=True)
+                broken.rename(broken.with_name(f".broken_{broken.name}"))
+                self.log(f"moved the broken {broken.name} aside to .broken_{broken.name}")
         self.log(f"resumed {self.run_dir} from {ckpt.name} (step {self.step})")
 
     def save(self) -> Path | None:
