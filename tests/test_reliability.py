@@ -202,6 +202,18 @@ def test_damaged_checkpoint_is_named_and_resume_falls_back_to_the_previous_one(g
     assert "resumed" in out and "step_0000002" in out
     assert verify(newest)["step"] == 4
     assert losses(run)[:2] == losses(good_run)[:2] and len(losses(run)) == 4
+    assert (run / "checkpoints" / ".broken_step_0000004").is_dir()  # kept for inspection, out of the way
+
+
+def test_a_broken_newer_checkpoint_cannot_push_good_ones_out(good_run, tmp_path):
+    run = copy_run(good_run, tmp_path)
+    root = run / "checkpoints"
+    (root / "step_0000004" / "state.pt").write_bytes(b"cut")
+    # resumed from step 2 with checkpoints every 3 steps: the broken step 4 is never rewritten
+    train(tiny_cfg(run, steps=6, checkpoint_every=3, keep_checkpoints=2), Baseline(N=50), resume=True,
+          progress=False, log=quiet)
+    assert [c.name for c in list_checkpoints(root)] == ["step_0000003", "step_0000006"]
+    assert all(verify(c) for c in list_checkpoints(root))
 
 
 def test_state_file_is_never_unpickled_with_code(good_run, tmp_path):
