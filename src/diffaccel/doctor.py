@@ -124,7 +124,8 @@ def _run(r: _Report, run_dir: Path) -> None:
         r.line("checkpoints", "none yet")
     leftovers = sorted(p.name for p in root.glob(".*")) if root.is_dir() else []
     if leftovers:
-        r.line("interrupted writes", "ignored", ", ".join(leftovers) + " (safe to delete)")
+        r.line("set-aside folders", "ignored", ", ".join(leftovers) + " (interrupted writes and broken "
+               "checkpoints moved aside by --resume; safe to delete)")
     for ckpt in ckpts:
         try:
             meta, weights, ema, _ = load_checkpoint(ckpt)
