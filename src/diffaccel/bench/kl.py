@@ -136,11 +136,13 @@ def _probe_one(job: tuple) -> dict:
     label, method_name, kwargs, batch, s, device, quick = job
     torch.set_num_threads(1)
     torch.manual_seed(s.seed)
-    dataset = _dataset(s, quick)
+    # cost does not depend on pixel values: a random batch of the data's shape spares loading the data set
+    # (the bundled sets are grey-scale; any other set is loaded for its shape)
+    shape = (1, s.resolution, s.resolution) if s.data in ("mnist5k", "digits") else _dataset(s, quick).shape
     method = _method(method_name, kwargs)
-    net = method.build_networks(s.net, dataset.shape)["net"].to(device).train()
+    net = method.build_networks(s.net, shape)["net"].to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=s.lr)
-    x0 = dataset.get_batch(torch.arange(batch) % len(dataset)).to(device)
+    x0 = (torch.rand((batch, *shape), generator=torch.Generator().manual_seed(s.seed)) * 2 - 1).to(device)
     cuda = str(device).startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -270,7 +272,23 @@ def run(out_dir: Path, quick: bool = False, settings: Settings | None = None, ru
     jobs = [(label, name, kw, b, s, runs_dir / _slug(label), quick) for label, name, kw, b in chosen]
     probe_jobs = [(label, name, kw, b, s, device, quick) for label, name, kw, b in chosen]
     train_results, probes = _run_jobs(jobs, probe_jobs, s.workers)
-    models, rows = summarize(train_results, probes)
+    return write_report(out_dir, runs_dir, s, train_results, probes, quick=quick, device=device,
+                        wall_sec=time.perf_counter() - t0)
+
+
+def write_report(out_dir: Path, runs_dir: Path, s: Settings, train_results: list[dict] | None = None,
+                 probes: list[dict] | None = None, quick: bool = False, device: str = "cpu",
+                 wall_sec: float | None = None, note: str = "") -> dict:
+    """Write results.json / results.md / fid_vs_steps.png / sample grids from the training results, or, when
+    ``train_results`` is None, from the runs' metrics.jsonl as they stand (an interrupted benchmark)."""
+    from diffaccel.runs import read_metrics
+
+    out_dir, runs_dir = Path(out_dir), Path(runs_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if train_results is None:
+        train_results = [{"label": label, "records": read_metrics(runs_dir / _slug(label)), "wall_sec": None}
+                         for label, *_ in MODELS if (runs_dir / _slug(label) / "metrics.jsonl").exists()]
+    models, rows = summarize(train_results, probes or [])
     for label in models:
         grid = runs_dir / _slug(label) / "samples.png"
         if grid.exists():
@@ -279,10 +297,11 @@ def run(out_dir: Path, quick: bool = False, settings: Settings | None = None, ru
             f"EMA {s.ema_decay}, FID[effnet] on {s.n_samples} DDIM(S={s.sample_steps}, η={s.eta}) samples "
             f"every {s.eval_every} steps")
     results = {"benchmark": "kl", "quick": quick, "settings": s.__dict__, "size": size, "reference": REFERENCE,
-               "models": models, "table": rows, "machine": _machine(), "device": device,
-               "wall_sec": time.perf_counter() - t0}
+               "models": models, "table": rows, "machine": {**_machine(), "load_average": os.getloadavg()},
+               "device": device, "wall_sec": wall_sec, "note": note}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out_dir / "results.md").write_text(f"# KL diffusion vs baseline\n\n{size}.\n\n" + _markdown(rows))
+    (out_dir / "results.md").write_text(f"# KL diffusion vs baseline\n\n{size}.{(' ' + note) if note else ''}\n\n"
+                                        + _markdown(rows))
     _plot(models, out_dir / "fid_vs_steps.png", f"KL vs baseline: {s.data} {s.resolution}², {s.n_samples} samples")
     return results
 
