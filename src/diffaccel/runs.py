@@ -51,9 +51,11 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:  # a line cut by a crash mid-write
             continue
+        if isinstance(record, dict):  # a damaged line may still parse, as a number or a list
+            records.append(record)
     return records
 
 
