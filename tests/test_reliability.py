@@ -591,3 +591,12 @@ def test_several_trainers_in_one_process_may_change_mixed_precision(tmp_path):
         assert verify(tmp_path / f"run{i}" / "checkpoints" / "step_0000001")["step"] == 1
     # fp16 autocast does not exist on the CPU in accelerate: say so rather than silently train in float32
     assert sum("fp16 has no effect on the CPU" in line for line in logs) == 1
+
+
+def test_metrics_reader_skips_cut_and_damaged_lines(tmp_path):
+    from diffaccel.runs import truncate_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n5\n[1, 2]\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    truncate_metrics(tmp_path, 1)
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
