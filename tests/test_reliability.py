@@ -18,12 +18,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import diffaccel.checkpoint as checkpoint
 from diffaccel import cli
 from diffaccel.checkpoint import latest_valid, list_checkpoints, load_checkpoint, save_checkpoint, verify
+from diffaccel.data import IMAGE_SUFFIXES, load_dataset
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method, Phase
 from diffaccel.methods.baseline import Baseline
@@ -459,12 +463,6 @@ def test_bad_input_in_a_real_process_exits_2_without_traceback(tmp_path):
 
 
 # --- 3b. property-based fuzzing: only UserError (or argparse's own exit 2) may come out ---------------------------
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
-
-from diffaccel.data import IMAGE_SUFFIXES, load_dataset  # noqa: E402
-
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 40)), deadline=None, suppress_health_check=list(HealthCheck))
 TRAIN_KEYS = ["method", "data", "resolution", "channels", "hflip", "data_limit", "preset", "net_config", "batch_size",
               "lr", "weight_decay", "warmup_steps", "max_grad_norm", "steps", "grad_accum", "ema_decay",
