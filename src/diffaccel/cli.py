@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -251,6 +252,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         callback = training_evaluator(reference, getattr(args, "eval_n", 1000), getattr(args, "extractor", "effnet"),
                                       cfg.sample_options)
     run_dir = train(cfg, method, resume=args.resume, callback=callback)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, rank 0 speaks
+        return
     print(f"run directory: {run_dir}\n  samples: {run_dir / 'samples.png'}\n  loss plot: {run_dir / 'loss.png'}\n"
           f"  report: {run_dir / 'report.md'}")
 
