@@ -334,3 +334,12 @@ def test_pds_benchmark_quick(tmp_path):
     assert all(c["fid[effnet]"] >= 0 and c["seconds_per_image"] > 0 for c in results["configs"])
     assert results["overhead"]["pds_overhead_fraction"] > 0
     assert (tmp_path / "results.json").is_file() and (tmp_path / "samples_N2_pds.png").is_file()
+
+
+def test_pds_filter_sweep_quick(tmp_path):
+    from diffaccel.bench.pds import SWEEP_SLUGS, run_filter_sweep
+
+    results = run_filter_sweep(tmp_path, quick=True)
+    assert [r["preconditioner"] for r in results["rows"]] == list(SWEEP_SLUGS)
+    assert all(r["fid[effnet]"] >= 0 for r in results["rows"])
+    assert (tmp_path / "sweep_N2_radial.png").is_file() and (tmp_path / "results.md").is_file()

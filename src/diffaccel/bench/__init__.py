@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "dvdp": "diffaccel.bench.dvdp:run",
     "baseline-speed": "diffaccel.bench.baseline_speed:run",
     "pds": "diffaccel.bench.pds:run",
+    "pds-filters": "diffaccel.bench.pds:run_filter_sweep",
     "fid-sanity": "diffaccel.bench.fid_sanity:run",
     "lddgan": "diffaccel.bench.lddgan:run",
 }
