@@ -15,7 +15,8 @@ def plot_run(run_dir: Path) -> Path | None:
 
     records = read_metrics(run_dir)
     loss_keys = sorted({k for r in records for k in r if k.startswith("loss")})
-    eval_keys = sorted({k for r in records for k in r if "[" in k and k.split("[")[0] in ("fid", "kid")})
+    # FID only: KID lives on another scale and would flatten the curve (the KL paper's Figure 2 plots FID)
+    eval_keys = sorted({k for r in records for k in r if k.startswith("fid[")})
     if not loss_keys:
         return None
     fig, axes = plt.subplots(1, 1 + bool(eval_keys), figsize=(6 + 5 * bool(eval_keys), 4), squeeze=False)
@@ -34,7 +35,8 @@ def plot_run(run_dir: Path) -> Path | None:
             pts = [(r["step"], r[k]) for r in records if k in r]
             ax.plot(*zip(*pts), marker="o", label=k)
         ax.set_xlabel("optimisation step")
-        ax.set_ylabel("metric")
+        ax.set_ylabel("FID (lower is better)")
+        ax.set_yscale("log")
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(run_dir.name)
