@@ -82,3 +82,29 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", *TINY, "--steps", "1", "--out", str(run)])
     assert "already exists" in capsys.readouterr().err and (run / "keep.txt").read_text() == "x"
+
+
+def test_epsilon_sampler_with_identity_preconditioner_is_plain_ddim():
+    from diffaccel.methods.pds import Preconditioner
+    from diffaccel.samplers import sample_epsilon
+    from diffaccel.schedules import VPSchedule
+
+    ab = VPSchedule().grid(100)
+
+    def eps(x, k):
+        return torch.tanh(x) * k.view(-1, 1, 1, 1) / 100
+
+    kwargs = dict(sampler="ddim", steps=10, eta=1.0, progress=False)
+    plain = sample_epsilon(eps, (3, 1, 8, 8), ab, generator=torch.Generator().manual_seed(5), **kwargs)
+    identity = Preconditioner(freq=torch.ones(1, 8, 8))
+    pre = sample_epsilon(eps, (3, 1, 8, 8), ab, generator=torch.Generator().manual_seed(5),
+                         preconditioner=identity, **kwargs)
+    torch.testing.assert_close(pre, plain, rtol=1e-4, atol=1e-5)  # FFT round trip in float32
+
+
+def test_sample_with_pds_on_a_baseline_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["train", "--method", "baseline", *TINY, "--steps", "1", "--out", str(run)])
+    grid = tmp_path / "pds.png"
+    main(["sample", str(run), "--n", "3", "--steps", "3", "--pds", "--out", str(grid)])
+    assert Image.open(grid).format == "PNG" and "'pds': True" in capsys.readouterr().out

@@ -69,9 +69,16 @@ def ddpm(eps_fn: EpsFn, x_T: torch.Tensor, alpha_bars: torch.Tensor, generator: 
 
 def sample_epsilon(eps_fn: EpsFn, shape: tuple[int, ...], alpha_bars: torch.Tensor, *, sampler: str = "ddim",
                    steps: int = 20, eta: float = 1.0, generator: torch.Generator | None = None, device=None,
-                   progress: bool = True) -> torch.Tensor:
-    """Draw x_T ~ N(0, I) and run the named epsilon sampler."""
+                   progress: bool = True, preconditioner=None) -> torch.Tensor:
+    """Draw x_T ~ N(0, I) and run the named epsilon sampler (``preconditioner``: PDS-preconditioned DDIM)."""
     x_T = torch.randn(shape, generator=generator, device=device)
+    if preconditioner is not None:
+        from diffaccel.methods.pds import preconditioned_ddim
+
+        if sampler != "ddim":
+            raise UserError("--pds on an epsilon model works with --sampler ddim (any eta)")
+        return preconditioned_ddim(eps_fn, x_T, alpha_bars, steps, eta=eta, generator=generator,
+                                   preconditioner=preconditioner.to(x_T.device), progress=progress)
     if sampler == "ddim":
         return ddim(eps_fn, x_T, alpha_bars, steps, eta, generator, progress)
     if sampler == "ddpm":

@@ -283,3 +283,41 @@ def pds_filter_main(argv: list[str] | None = None) -> int:
           + (f", A in [{pre.space.min():.4f}, {pre.space.max():.4f}]" if pre.space is not None else "")
           + f" from {len(images)} images of {args.data}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PDS for epsilon (VP) models: `diffaccel sample RUN --pds` on baseline and KL runs
+def add_epsilon_pds_arguments(group) -> None:
+    """The --pds flags of the epsilon methods (shared by name with the score models' flags)."""
+    group.add_argument("--pds", action="store_true",
+                       help="preconditioned sampling: PDS on score models; on epsilon models the preconditioned "
+                            "DDIM of docs/pds.md (filters from 200 training images of the run, or --pds-filter)")
+    group.add_argument("--pds-alpha", type=float, default=5.0,
+                       help="PDS normalisation alpha (eq. 22); filter values lie in [1, a/(a-1)]")
+    group.add_argument("--pds-space", action="store_true", help="PDS: also apply the space filter A")
+    group.add_argument("--pds-filter", default=None, metavar="FILE", help="PDS filters saved by `diffaccel pds-filter`")
+
+
+def epsilon_pds_options(args) -> dict:
+    if not getattr(args, "pds", False):
+        return {}
+    return {"pds": True, "pds_alpha": getattr(args, "pds_alpha", 5.0), "pds_space": bool(getattr(args, "pds_space",
+            False)), "pds_filter": getattr(args, "pds_filter", None)}
+
+
+def preconditioner_for_run(run_dir, image_shape, *, pds_alpha: float = 5.0, pds_space: bool = False,
+                           pds_filter: str | None = None, pds_images: int = 200) -> Preconditioner:
+    """The preconditioner of a trained run: from a filter file, or from ``pds_images`` of the run's training data."""
+    images = None
+    if pds_filter is None:
+        if run_dir is None:
+            raise UserError("--pds needs --pds-filter FILE when the model does not come from a run directory")
+        from diffaccel.data import load_dataset
+        from diffaccel.runs import read_config
+
+        train = read_config(run_dir)["train"]
+        dataset = load_dataset(train["data"], train.get("resolution"), train.get("channels"))
+        images = representative_images(dataset, pds_images)
+    pre = build_preconditioner(images, alpha=pds_alpha, use_space=pds_space, filter_file=pds_filter)
+    pre.check_shape(tuple(image_shape))
+    return pre
