@@ -65,7 +65,12 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (the papers' augmentation)")
     g.add_argument("--data-limit", type=int, default=None, help="use only the first N images")
     g = p.add_argument_group("network and optimisation")
-    g.add_argument("--preset", default="small", choices=list(PRESETS), help="UNet size")
+    from diffaccel.nets.autoencoder import AUTOENCODER_PRESETS
+    from diffaccel.nets.ddgan import GENERATOR_PRESETS
+
+    g.add_argument("--preset", default="small",
+                   help=f"network size: UNet {', '.join(PRESETS)}; DDGAN generator {', '.join(GENERATOR_PRESETS)}; "
+                        f"autoencoder {', '.join(AUTOENCODER_PRESETS)}")
     g.add_argument("--net-config", default=None, help='JSON overrides of UNet2DModel arguments, e.g. '
                    '\'{"block_out_channels": [32, 64]}\'')
     g.add_argument("--batch-size", type=int, default=d.batch_size)
