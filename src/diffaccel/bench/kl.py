@@ -1,7 +1,7 @@
 """`diffaccel bench kl`: the KL paper's central comparison (Fig. 2 / Tables 1-2), side by side in one run.
 
-Five models, same UNet, same data, same optimiser, same seed, DDIM(S=20, eta=1) sampling, FID[effnet] at
-regular step intervals: Baseline-b16 (N=1000), Baseline-b128, KL-8d-b16 (1st), KL-8d-b16 (2nd) and
+Five models, same UNet, same data, same optimiser, same seed, DDIM(eta=1) sampling (S=20 in the paper; the
+committed CPU run uses S=10, see docs/kl.md), FID[effnet] at regular step intervals: Baseline-b16 (N=1000), Baseline-b128, KL-8d-b16 (1st), KL-8d-b16 (2nd) and
 KL-8d4-b16 (partial). Reported per model: best FID, the first evaluated step at which each model reaches
 Baseline-b16's best FID, seconds per optimisation step and peak training memory (measured separately in a
 fresh process per model so that one model's allocations never count for another's).
