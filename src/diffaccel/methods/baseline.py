@@ -10,11 +10,12 @@ from torch import nn
 
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method
+from diffaccel.methods.pds import EpsilonPDS
 from diffaccel.samplers import epsilon_nfe, sample_epsilon
 from diffaccel.schedules import discrete_schedule
 
 
-class Baseline(Method):
+class Baseline(EpsilonPDS, Method):
     """x_k = sqrt(alpha_bar_k) x0 + sqrt(1 - alpha_bar_k) z, k ~ U{1..N}; loss ‖z − net(x_k, k)‖² (mean over pixels)."""
 
     name = "baseline"
@@ -35,17 +36,6 @@ class Baseline(Method):
         group.add_argument("--schedule", choices=["vp", "linear", "cosine"], default="vp",
                            help="noise schedule: continuous VP beta(t)=0.1+19.9t (KL paper), DDPM linear or cosine")
 
-    @staticmethod
-    def add_sample_arguments(group: argparse._ArgumentGroup) -> None:
-        from diffaccel.methods.pds import add_epsilon_pds_arguments
-
-        add_epsilon_pds_arguments(group)
-
-    def sampler_options(self, args: argparse.Namespace) -> dict:
-        from diffaccel.methods.pds import epsilon_pds_options
-
-        return {**super().sampler_options(args), **epsilon_pds_options(args)}
-
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Baseline":
         return cls(N=args.time_steps or 1000, schedule=args.schedule)
@@ -62,11 +52,7 @@ class Baseline(Method):
     def sample(self, net: nn.Module, n: int, image_shape, *, generator=None, device=None, sampler: str = "ddim",
                steps: int = 20, eta: float = 1.0, progress: bool = True, pds: bool = False, **pds_options
                ) -> torch.Tensor:
-        pre = None
-        if pds:
-            from diffaccel.methods.pds import preconditioner_for_run
-
-            pre = preconditioner_for_run(getattr(self, "run_dir", None), image_shape, **pds_options)
+        pre = self.pds_preconditioner(image_shape, pds, **pds_options)
         return sample_epsilon(net, (n, *image_shape), self.alpha_bars, sampler=sampler, steps=steps, eta=eta,
                               generator=generator, device=device, progress=progress, preconditioner=pre)
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method
+from diffaccel.methods.pds import EpsilonPDS
 from diffaccel.samplers import sample_epsilon
 from diffaccel.schedules import VPSchedule
 
@@ -89,7 +90,7 @@ def kl_partial_loss(z: torch.Tensor, z_hat: torch.Tensor, t: torch.Tensor) -> to
 
 
 # --- the method -------------------------------------------------------------------------------------------
-class KLDiffusion(Method):
+class KLDiffusion(EpsilonPDS, Method):
     """KL diffusion training (eq. 19, 20, 25) and sampling through the epsilon of eq. 24.
 
     M: terms of the truncated expansion; N: time grid t_k = k/N; partial: M' terms per image for eq. 20
@@ -260,10 +261,12 @@ class KLDiffusion(Method):
         return torch.einsum("bm,bm...->b...", coef, self.coefficients(net, x, k))
 
     def sample(self, net: nn.Module, n: int, image_shape, *, generator=None, device=None, sampler: str = "ddim",
-               steps: int = 20, eta: float = 1.0, progress: bool = True) -> torch.Tensor:
+               steps: int = 20, eta: float = 1.0, progress: bool = True, pds: bool = False, **pds_options
+               ) -> torch.Tensor:
         return sample_epsilon(lambda x, k: self.epsilon(net, x, k), (n, *image_shape), self.alpha_bars,
                               sampler=sampler, steps=steps, eta=eta, generator=generator, device=device,
-                              progress=progress)
+                              progress=progress, preconditioner=self.pds_preconditioner(image_shape, pds,
+                                                                                        **pds_options))
 
     def nfe(self, sampler: str = "ddim", steps: int = 20, **_) -> int:
         """Network evaluations per image: the 1st variant evaluates M coefficients per step (one batched call,

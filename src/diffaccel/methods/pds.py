@@ -298,11 +298,24 @@ def add_epsilon_pds_arguments(group) -> None:
     group.add_argument("--pds-filter", default=None, metavar="FILE", help="PDS filters saved by `diffaccel pds-filter`")
 
 
-def epsilon_pds_options(args) -> dict:
-    if not getattr(args, "pds", False):
-        return {}
-    return {"pds": True, "pds_alpha": getattr(args, "pds_alpha", 5.0), "pds_space": bool(getattr(args, "pds_space",
-            False)), "pds_filter": getattr(args, "pds_filter", None)}
+class EpsilonPDS:
+    """Mixin giving an epsilon method (baseline, KL) the --pds sampling flags and its preconditioner."""
+
+    @staticmethod
+    def add_sample_arguments(group) -> None:
+        add_epsilon_pds_arguments(group)
+
+    def sampler_options(self, args) -> dict:
+        options = super().sampler_options(args)
+        if getattr(args, "pds", False):
+            options.update(pds=True, pds_alpha=getattr(args, "pds_alpha", 5.0),
+                           pds_space=bool(getattr(args, "pds_space", False)), pds_filter=getattr(args, "pds_filter", None))
+        return options
+
+    def pds_preconditioner(self, image_shape, pds: bool = False, **pds_options) -> "Preconditioner | None":
+        if not pds:
+            return None
+        return preconditioner_for_run(getattr(self, "run_dir", None), image_shape, **pds_options)
 
 
 def preconditioner_for_run(run_dir, image_shape, *, pds_alpha: float = 5.0, pds_space: bool = False,
