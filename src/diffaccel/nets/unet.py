@@ -8,10 +8,12 @@ from torch import nn
 
 from diffaccel.errors import UserError
 
-# Named sizes. ``ddpm-cifar10`` is the 35.7M-parameter network of Ho et al. (2020) for 32×32 images.
+# Named sizes: ``tiny`` for tests, ``mini`` for the few-minute CPU demo, ``small`` for benchmarks. ``ddpm-cifar10`` is the 35.7M-parameter network of Ho et al. (2020) for 32×32 images.
 PRESETS: dict[str, dict] = {
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")),
+    "mini": dict(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3),
     "small": dict(block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=16,
                   down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                   up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
