@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/diffaccel train --method baseline --data mnist5k --preset small --batch-size 32 --lr 1e-3 \
-		--warmup-steps 100 --steps 2500 --ema-decay 0.995 --log-every 100 --checkpoint-every 500 \
+	$(VENV)/bin/diffaccel train --method baseline --data mnist5k --preset mini --batch-size 32 --lr 1e-3 \
+		--warmup-steps 100 --steps 1500 --ema-decay 0.995 --clip-x0 --log-every 100 --checkpoint-every 500 \
 		--out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install

@@ -59,3 +59,17 @@ def test_bad_steps():
         ddim_timesteps(20, 30)
     assert ddim_timesteps(20, 20) == list(range(20, -1, -1))
     assert np.all(np.diff(ddim_timesteps(1000, 7)) < 0)
+
+
+def test_clip_x0_keeps_the_final_sample_in_the_data_range():
+    """With clipping the last DDIM step (alpha_bar_prev = 1) returns the clipped x0 prediction exactly."""
+    ab = VPSchedule().grid(100)
+
+    def wild(x, k):  # predicts x0 = 3·x, far outside [-1, 1]
+        a = ab[k.long()].view(-1, 1, 1, 1).to(x.dtype)
+        return (x - a.sqrt() * 3 * x) / (1 - a).sqrt()
+
+    x_T = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    clipped = ddim(wild, x_T, ab, steps=5, eta=0.0, progress=False, clip_x0=True)
+    free = ddim(wild, x_T, ab, steps=5, eta=0.0, progress=False)
+    assert clipped.abs().max() <= 1 + 1e-9 and free.abs().max() > 1.5

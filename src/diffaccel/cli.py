@@ -88,6 +88,8 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     g.add_argument("--sample-every", type=int, default=d.sample_every, help="save a sample grid every N steps")
+    g.add_argument("--clip-x0", action="store_true",
+                   help="epsilon methods: clip predicted x0 to [-1, 1] in the run's sample grids")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="FID every N steps into metrics.jsonl")
     g.add_argument("--eval-n", type=int, default=1000, help="samples per evaluation during training")
     g.add_argument("--extractor", default="effnet", help="feature extractor for --eval-every")
@@ -246,7 +248,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                           mixed_precision=args.mixed_precision, seed=args.seed, out=out, log_every=args.log_every,
                           checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                           sample_every=args.sample_every, eval_every=args.eval_every,
-                          max_nonfinite=args.max_nonfinite, device=args.device, init_from=args.init_from)
+                          max_nonfinite=args.max_nonfinite, device=args.device, init_from=args.init_from,
+                          sample_options={"clip_x0": True} if args.clip_x0 else {})
     callback = None
     if cfg.eval_every:
         from diffaccel.data import load_dataset

@@ -24,6 +24,12 @@ def ddim_timesteps(N: int, steps: int) -> list[int]:
     return [round(i * N / steps) for i in range(steps, -1, -1)]
 
 
+def clipped_epsilon(x: torch.Tensor, eps: torch.Tensor, ab_t: torch.Tensor) -> torch.Tensor:
+    """The epsilon whose predicted x0 is clipped to the data range [-1, 1] (DDPM's ``clip_denoised``)."""
+    x0 = ((x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)
+    return (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
+
+
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, ab_t: torch.Tensor, ab_prev: torch.Tensor, eta: float,
               noise: torch.Tensor | None) -> torch.Tensor:
     """One DDIM update (KL paper eq. 23 / Song et al. 2021 eq. 12) from alpha_bar ``ab_t`` to ``ab_prev``."""
@@ -37,14 +43,18 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, ab_t: torch.Tensor, ab_prev: t
 
 @torch.no_grad()
 def ddim(eps_fn: EpsFn, x_T: torch.Tensor, alpha_bars: torch.Tensor, steps: int, eta: float = 1.0,
-         generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
-    """DDIM with ``steps`` network calls; eta = 0 is deterministic, eta = 1 is ancestral sampling."""
+         generator: torch.Generator | None = None, progress: bool = True, clip_x0: bool = False) -> torch.Tensor:
+    """DDIM with ``steps`` network calls; eta = 0 is deterministic, eta = 1 is ancestral sampling.
+
+    ``clip_x0`` clips each predicted x0 to [-1, 1] (not in eq. 23; it helps young models markedly)."""
     N = len(alpha_bars) - 1
     ks = ddim_timesteps(N, steps)
     ab = alpha_bars.to(device=x_T.device, dtype=torch.float64)
     x = x_T
     for k, k_prev in tqdm(list(zip(ks[:-1], ks[1:])), desc="ddim", disable=not progress, leave=False):
         eps = eps_fn(x, torch.full((x.shape[0],), float(k), device=x.device))
+        if clip_x0:
+            eps = clipped_epsilon(x, eps, ab[k].to(x.dtype))
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
         x = ddim_step(x, eps, ab[k].to(x.dtype), ab[k_prev].to(x.dtype), eta, noise)
     return x
@@ -52,13 +62,15 @@ def ddim(eps_fn: EpsFn, x_T: torch.Tensor, alpha_bars: torch.Tensor, steps: int,
 
 @torch.no_grad()
 def ddpm(eps_fn: EpsFn, x_T: torch.Tensor, alpha_bars: torch.Tensor, generator: torch.Generator | None = None,
-         progress: bool = True) -> torch.Tensor:
+         progress: bool = True, clip_x0: bool = False) -> torch.Tensor:
     """Ancestral sampling through every grid step with the DDPM posterior (Ho et al. 2020, Algorithm 2)."""
     N = len(alpha_bars) - 1
     ab = alpha_bars.to(device=x_T.device, dtype=torch.float64)
     x = x_T
     for k in tqdm(range(N, 0, -1), desc="ddpm", disable=not progress, leave=False):
         eps = eps_fn(x, torch.full((x.shape[0],), float(k), device=x.device))
+        if clip_x0:
+            eps = clipped_epsilon(x, eps, ab[k].to(x.dtype))
         alpha = (ab[k] / ab[k - 1]).to(x.dtype)
         beta = 1 - alpha
         mean = (x - beta / (1 - ab[k]).to(x.dtype).sqrt() * eps) / alpha.sqrt()
@@ -69,20 +81,20 @@ def ddpm(eps_fn: EpsFn, x_T: torch.Tensor, alpha_bars: torch.Tensor, generator: 
 
 def sample_epsilon(eps_fn: EpsFn, shape: tuple[int, ...], alpha_bars: torch.Tensor, *, sampler: str = "ddim",
                    steps: int = 20, eta: float = 1.0, generator: torch.Generator | None = None, device=None,
-                   progress: bool = True, preconditioner=None) -> torch.Tensor:
+                   progress: bool = True, preconditioner=None, clip_x0: bool = False) -> torch.Tensor:
     """Draw x_T ~ N(0, I) and run the named epsilon sampler (``preconditioner``: PDS-preconditioned DDIM)."""
     x_T = torch.randn(shape, generator=generator, device=device)
     if preconditioner is not None:
         from diffaccel.methods.pds import preconditioned_ddim
 
-        if sampler != "ddim":
-            raise UserError("--pds on an epsilon model works with --sampler ddim (any eta)")
+        if sampler != "ddim" or clip_x0:
+            raise UserError("--pds on an epsilon model works with --sampler ddim (any eta) and without --clip-x0")
         return preconditioned_ddim(eps_fn, x_T, alpha_bars, steps, eta=eta, generator=generator,
                                    preconditioner=preconditioner.to(x_T.device), progress=progress)
     if sampler == "ddim":
-        return ddim(eps_fn, x_T, alpha_bars, steps, eta, generator, progress)
+        return ddim(eps_fn, x_T, alpha_bars, steps, eta, generator, progress, clip_x0)
     if sampler == "ddpm":
-        return ddpm(eps_fn, x_T, alpha_bars, generator, progress)
+        return ddpm(eps_fn, x_T, alpha_bars, generator, progress, clip_x0)
     raise UserError(f"unknown sampler {sampler!r} for an epsilon model; choose ddim or ddpm")
 
 

@@ -50,11 +50,12 @@ class Baseline(EpsilonPDS, Method):
         return F.mse_loss(net(self.noised(x0, k, noise), k.to(x0.dtype)), noise)
 
     def sample(self, net: nn.Module, n: int, image_shape, *, generator=None, device=None, sampler: str = "ddim",
-               steps: int = 20, eta: float = 1.0, progress: bool = True, pds: bool = False, **pds_options
-               ) -> torch.Tensor:
+               steps: int = 20, eta: float = 1.0, progress: bool = True, clip_x0: bool = False, pds: bool = False,
+               **pds_options) -> torch.Tensor:
         pre = self.pds_preconditioner(image_shape, pds, **pds_options)
         return sample_epsilon(net, (n, *image_shape), self.alpha_bars, sampler=sampler, steps=steps, eta=eta,
-                              generator=generator, device=device, progress=progress, preconditioner=pre)
+                              generator=generator, device=device, progress=progress, preconditioner=pre,
+                              clip_x0=clip_x0)
 
     def nfe(self, sampler: str = "ddim", steps: int = 20, **_) -> int:
         return epsilon_nfe(len(self.alpha_bars), sampler, steps)

@@ -261,12 +261,12 @@ class KLDiffusion(EpsilonPDS, Method):
         return torch.einsum("bm,bm...->b...", coef, self.coefficients(net, x, k))
 
     def sample(self, net: nn.Module, n: int, image_shape, *, generator=None, device=None, sampler: str = "ddim",
-               steps: int = 20, eta: float = 1.0, progress: bool = True, pds: bool = False, **pds_options
-               ) -> torch.Tensor:
+               steps: int = 20, eta: float = 1.0, progress: bool = True, clip_x0: bool = False, pds: bool = False,
+               **pds_options) -> torch.Tensor:
         return sample_epsilon(lambda x, k: self.epsilon(net, x, k), (n, *image_shape), self.alpha_bars,
                               sampler=sampler, steps=steps, eta=eta, generator=generator, device=device,
-                              progress=progress, preconditioner=self.pds_preconditioner(image_shape, pds,
-                                                                                        **pds_options))
+                              progress=progress, clip_x0=clip_x0,
+                              preconditioner=self.pds_preconditioner(image_shape, pds, **pds_options))
 
     def nfe(self, sampler: str = "ddim", steps: int = 20, **_) -> int:
         """Network evaluations per image: the 1st variant evaluates M coefficients per step (one batched call,
