@@ -2,8 +2,6 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
-# One BLAS thread per process: tests run two workers on two cores, and oversubscribed threads only spin.
-export OMP_NUM_THREADS ?= 1
 
 .PHONY: install demo test test-fast bench clean
 
@@ -24,11 +22,12 @@ demo: install
 		--warmup-steps 100 --steps 1500 --ema-decay 0.995 --clip-x0 --log-every 100 --checkpoint-every 500 \
 		--out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# One BLAS thread per test worker: two workers on two cores, and oversubscribed threads only spin.
 test: install
-	$(PY) -m pytest -q -n 2 -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 test-fast: install
-	$(PY) -m pytest -q -n 2 -m "not slow" -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not slow" -p no:cacheprovider
 
 bench: install
 	$(VENV)/bin/diffaccel bench $(NAME)
