@@ -1,7 +1,7 @@
 """`diffaccel bench kl`: the KL paper's central comparison (Fig. 2 / Tables 1-2), side by side in one run.
 
-Five models, same UNet, same data, same optimiser, same seed, DDIM(eta=1) sampling (S=20 in the paper; the
-committed CPU run uses S=10, see docs/kl.md), FID[effnet] at regular step intervals: Baseline-b16 (N=1000), Baseline-b128, KL-8d-b16 (1st), KL-8d-b16 (2nd) and
+Five models, same UNet, same data, same optimiser, same seed, DDIM(S=20, eta=1) sampling, FID[effnet] at
+regular step intervals: Baseline-b16 (N=1000), Baseline-b128, KL-8d-b16 (1st), KL-8d-b16 (2nd) and
 KL-8d4-b16 (partial). Reported per model: best FID, the first evaluated step at which each model reaches
 Baseline-b16's best FID, seconds per optimisation step and peak training memory (measured separately in a
 fresh process per model so that one model's allocations never count for another's).
@@ -38,22 +38,24 @@ REFERENCE = "Baseline-b16"
 
 @dataclass
 class Settings:
-    """Benchmark size. The defaults are the committed run (about an hour on a shared 2-core CPU)."""
+    """Benchmark size. The defaults are the committed run (about 95 minutes on an idle 2-core CPU)."""
 
     data: str = "mnist5k"
     resolution: int = 16
     net: dict = field(default_factory=lambda: {"preset": "tiny", "overrides": {
         "block_out_channels": [8, 16], "norm_num_groups": 4}})
-    steps: int = 600
-    eval_every: int = 200
-    n_samples: int = 1000
-    sample_steps: int = 10
+    steps: int = 8000
+    eval_every: int = 1000
+    n_samples: int = 2000
+    sample_steps: int = 20
     eta: float = 1.0
+    # x0 clipped to [-1, 1] inside every DDIM step, for every model alike (diffusers' DDIMScheduler default)
+    clip_x0: bool = True
     lr: float = 1e-3
     ema_decay: float = 0.995
     seed: int = 0
     probe_steps: int = 8
-    workers: int = 3
+    workers: int = 2
     sample_batch: int = 250
 
     @classmethod
@@ -88,7 +90,8 @@ def _sample(method, net, n: int, shape, s: Settings) -> torch.Tensor:
     """n samples in chunks from one seeded generator, so every evaluation of every model sees the same x_T."""
     g = torch.Generator().manual_seed(s.seed + 12345)
     chunks = [method.sample(net, min(s.sample_batch, n - i), shape, generator=g, device="cpu", sampler="ddim",
-                            steps=s.sample_steps, eta=s.eta, progress=False) for i in range(0, n, s.sample_batch)]
+                            steps=s.sample_steps, eta=s.eta, clip_x0=s.clip_x0,
+                            progress=False) for i in range(0, n, s.sample_batch)]
     return torch.cat(chunks).clamp(-1, 1)
 
 
@@ -116,7 +119,8 @@ def _train_one(job: tuple) -> dict:
     cfg = TrainConfig(data=s.data, resolution=s.resolution, net=s.net, batch_size=batch, lr=s.lr, steps=s.steps,
                       ema_decay=s.ema_decay, seed=s.seed, out=str(run_dir), log_every=min(25, s.steps),
                       checkpoint_every=s.steps, keep_checkpoints=1, sample_n=64,
-                      sample_options={"sampler": "ddim", "steps": s.sample_steps, "eta": s.eta},
+                      sample_options={"sampler": "ddim", "steps": s.sample_steps, "eta": s.eta,
+                                      "clip_x0": s.clip_x0},
                       eval_every=s.eval_every, device="cpu")
     t0 = time.perf_counter()
     train(cfg, method, callback=evaluate, dataset=dataset, progress=False, log=lambda *_: None)
@@ -294,7 +298,8 @@ def write_report(out_dir: Path, runs_dir: Path, s: Settings, train_results: list
         if grid.exists():
             shutil.copy(grid, out_dir / f"samples_{_slug(label)}.png")
     size = (f"{s.data} at {s.resolution}×{s.resolution}, UNet {s.net}, {s.steps} steps, lr {s.lr}, "
-            f"EMA {s.ema_decay}, FID[effnet] on {s.n_samples} DDIM(S={s.sample_steps}, η={s.eta}) samples "
+            f"EMA {s.ema_decay}, FID[effnet] on {s.n_samples} DDIM(S={s.sample_steps}, η={s.eta}"
+            f"{', x0 clipped' if s.clip_x0 else ''}) samples "
             f"every {s.eval_every} steps")
     results = {"benchmark": "kl", "quick": quick, "settings": s.__dict__, "size": size, "reference": REFERENCE,
                "models": models, "table": rows, "machine": {**_machine(), "load_average": os.getloadavg()},

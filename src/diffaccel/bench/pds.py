@@ -82,6 +82,53 @@ def _train(s: Settings):
     return method, nets["net"], run_dir, seconds, s.train_steps
 
 
+@dataclass
+class _Setup:
+    """What both PDS benchmarks start from: the trained model and a fixed random order of the data set."""
+
+    settings: Settings
+    out_dir: Path
+    method: object
+    net: torch.nn.Module
+    run_dir: Path
+    dataset: object
+    order: torch.Tensor  # bundled sets such as mnist5k are sorted by class, so a prefix is not representative
+    train_seconds: float | None
+    trained_steps: int
+
+    def images(self, start: int, stop: int) -> torch.Tensor:
+        """Images ``order[start:stop]`` in [-1, 1]: the reference set, the filter's images, the held-out set."""
+        return self.dataset.to_model_space(self.dataset.images[self.order[start:stop]])
+
+
+def _setup(out_dir: Path, quick: bool, overrides: dict) -> _Setup:
+    from diffaccel.data import load_dataset
+
+    torch.set_num_threads(1)
+    s = Settings.quick() if quick else Settings()
+    s = Settings(**{**asdict(s), **overrides})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    method, net, run_dir, train_seconds, trained_steps = _train(s)
+    dataset = load_dataset(s.data, s.resolution)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(s.seed))
+    return _Setup(s, out_dir, method, net.eval(), run_dir, dataset, order, train_seconds, trained_steps)
+
+
+def _pc_samples(setup: _Setup, steps: int, preconditioner) -> tuple[torch.Tensor, float]:
+    """``n_samples`` PC samples from the same noise seed for every configuration; returns (samples, seconds)."""
+    s = setup.settings
+    g = torch.Generator().manual_seed(s.seed + 1)
+    chunks, seconds = [], 0.0
+    for start in range(0, s.n_samples, s.sample_batch):
+        t0 = time.perf_counter()
+        chunks.append(setup.method.sample(setup.net, min(s.sample_batch, s.n_samples - start),
+                                          setup.dataset.shape, generator=g, device="cpu", sampler="pc",
+                                          steps=steps, snr=s.snr, preconditioner=preconditioner, progress=False))
+        seconds += time.perf_counter() - t0
+    return torch.cat(chunks), seconds
+
+
 def _time(fn, repeats: int) -> float:
     fn()  # warm-up
     best = []
@@ -94,25 +141,17 @@ def _time(fn, repeats: int) -> float:
 
 def run(out_dir: Path, quick: bool = False, **overrides) -> dict:
     """Run the benchmark; ``overrides`` replace fields of :class:`Settings` (e.g. ``n_samples=512``)."""
-    torch.set_num_threads(1)
     from diffaccel.bench.harness import write_results
-    from diffaccel.data import load_dataset, save_grid
+    from diffaccel.data import save_grid
     from diffaccel.evaluate import score_images
     from diffaccel.methods.pds import build_preconditioner
 
     started = time.time()
-    s = Settings.quick() if quick else Settings()
-    s = Settings(**{**asdict(s), **overrides})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    method, net, run_dir, train_seconds, trained_steps = _train(s)
-    net.eval()
-    dataset = load_dataset(s.data, s.resolution)
-    image_shape = dataset.shape
-    # a fixed random order: bundled sets such as mnist5k are sorted by class, so a prefix is not representative
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(s.seed))
-    real = dataset.to_model_space(dataset.images[order[:s.n_real]])
-    pre = build_preconditioner(dataset.to_model_space(dataset.images[order[:s.pds_images]]), alpha=s.pds_alpha)
+    setup = _setup(out_dir, quick, overrides)
+    s, out_dir, method, net = setup.settings, setup.out_dir, setup.method, setup.net
+    image_shape = setup.dataset.shape
+    real = setup.images(0, s.n_real)
+    pre = build_preconditioner(setup.images(0, s.pds_images), alpha=s.pds_alpha)
 
     # --- PDS overhead per iteration: one PC iteration = 2 network calls + 2 (M·Mᵀ) + 2 (M) applications
     x = torch.randn(s.sample_batch, *image_shape)
@@ -127,16 +166,7 @@ def run(out_dir: Path, quick: bool = False, **overrides) -> dict:
     for frac in s.fractions:
         steps = max(1, s.num_scales // frac)
         for use_pds in (False, True):
-            samples, seconds = [], 0.0
-            g = torch.Generator().manual_seed(s.seed + 1)  # same noise seed for every configuration
-            for start in range(0, s.n_samples, s.sample_batch):
-                n = min(s.sample_batch, s.n_samples - start)
-                t0 = time.perf_counter()
-                samples.append(method.sample(net, n, image_shape, generator=g, device="cpu", sampler="pc",
-                                             steps=steps, snr=s.snr, preconditioner=pre if use_pds else None,
-                                             progress=False))
-                seconds += time.perf_counter() - t0
-            fake = torch.cat(samples)
+            fake, seconds = _pc_samples(setup, steps, pre if use_pds else None)
             tag = f"N{steps}_{'pds' if use_pds else 'vanilla'}"
             save_grid(fake[:64], out_dir / f"samples_{tag}.png", nrow=8)
             scores = score_images(real, fake, "effnet", device="cpu", cache=True, progress=False)
@@ -149,7 +179,7 @@ def run(out_dir: Path, quick: bool = False, **overrides) -> dict:
             print(json.dumps(row), flush=True)
 
     # scale of the metric: held-out real images scored like the samples (the best a model could reach here)
-    held_out = dataset.to_model_space(dataset.images[order[s.n_real:s.n_real + s.n_samples]])
+    held_out = setup.images(s.n_real, s.n_real + s.n_samples)
     floor = score_images(real, held_out, "effnet", device="cpu", cache=True, progress=False)["fid[effnet]"] \
         if len(held_out) >= 2 else None
 
@@ -158,7 +188,8 @@ def run(out_dir: Path, quick: bool = False, **overrides) -> dict:
               for k in by if k[1] is False}
     results = {"settings": asdict(s), "sigma_min": method.sigma_min, "sigma_max": method.sigma_max,
                "sigma_max_rule": "max pairwise Euclidean distance of the training images in [0, 1]",
-               "train_seconds": train_seconds, "trained_steps": trained_steps, "run_dir": str(run_dir), "overhead": overhead,
+               "train_seconds": setup.train_seconds, "trained_steps": setup.trained_steps,
+               "run_dir": str(setup.run_dir), "overhead": overhead,
                "fid_ratio_vanilla_over_pds": ratios, "fid_real_held_out": floor, "configs": configs, "quick": quick}
 
     def plot(fig):
@@ -178,8 +209,8 @@ def run(out_dir: Path, quick: bool = False, **overrides) -> dict:
         ax1.set_title(f"score-ve on {s.data} {s.resolution}², {s.n_samples} samples")
 
     notes = (f"score-ve (σ_min = 0.01, σ_max = {method.sigma_max:.3f} = max pairwise distance of the training images "
-             f"in [0, 1]) trained {trained_steps} steps at batch {s.batch_size} on {s.data} at {s.resolution}² "
-             f"({'reused run' if train_seconds is None else f'{train_seconds:.0f} s'}); PC sampler, snr {s.snr}, "
+             f"in [0, 1]) trained {setup.trained_steps} steps at batch {s.batch_size} on {s.data} at {s.resolution}² "
+             f"({'reused run' if setup.train_seconds is None else f'{setup.train_seconds:.0f} s'}); PC sampler, snr {s.snr}, "
              f"{s.n_samples} samples per row, FID[effnet] against {s.n_real} real images. "
              f"FID[effnet] of {s.n_samples} held-out real images: {floor}. "
              f"PDS: frequency filter from {s.pds_images} training images, α = {s.pds_alpha}, no space filter. "
@@ -200,26 +231,19 @@ def run_filter_sweep(out_dir: Path, quick: bool = False, iterations: tuple = (25
     with α = 5 and α = 2 (stronger: R ∈ [1, 2]), α = 5 plus the space filter, and the radial filter of eq. 20 with
     the paper's MNIST/NCSN setting r = 0.2·H, λ = 1.6.
     """
-    torch.set_num_threads(1)
     from diffaccel.bench.harness import write_results
-    from diffaccel.data import load_dataset, save_grid
+    from diffaccel.data import save_grid
     from diffaccel.evaluate import score_images
     from diffaccel.methods.pds import Preconditioner, build_preconditioner, radial_filter
 
     started = time.time()
-    s = Settings.quick() if quick else Settings()
-    s = Settings(**{**asdict(s), **overrides})
     if quick:
         iterations = (2,)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    method, net, run_dir, _, trained_steps = _train(s)
-    net.eval()
-    dataset = load_dataset(s.data, s.resolution)
-    shape = dataset.shape
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(s.seed))
-    real = dataset.to_model_space(dataset.images[order[:s.n_real]])
-    filt_images = dataset.to_model_space(dataset.images[order[:s.pds_images]])
+    setup = _setup(out_dir, quick, overrides)
+    s, out_dir, method, trained_steps = setup.settings, setup.out_dir, setup.method, setup.trained_steps
+    shape = setup.dataset.shape
+    real = setup.images(0, s.n_real)
+    filt_images = setup.images(0, s.pds_images)
     variants = {
         "none": None,
         "data α=5": build_preconditioner(filt_images, alpha=5.0),
@@ -230,13 +254,7 @@ def run_filter_sweep(out_dir: Path, quick: bool = False, iterations: tuple = (25
     rows = []
     for steps in iterations:
         for name, pre in variants.items():
-            g = torch.Generator().manual_seed(s.seed + 1)
-            t0 = time.perf_counter()
-            fake = torch.cat([method.sample(net, min(s.sample_batch, s.n_samples - i), shape, generator=g,
-                                            device="cpu", sampler="pc", steps=steps, snr=s.snr,
-                                            preconditioner=pre, progress=False)
-                              for i in range(0, s.n_samples, s.sample_batch)])
-            seconds = time.perf_counter() - t0
+            fake, seconds = _pc_samples(setup, steps, pre)
             slug = SWEEP_SLUGS[name]
             save_grid(fake[:64], out_dir / f"sweep_N{steps}_{slug}.png", nrow=8)
             fid = score_images(real, fake, "effnet", device="cpu", cache=True, progress=False)["fid[effnet]"]
