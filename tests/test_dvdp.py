@@ -160,6 +160,28 @@ def test_loss_is_zero_for_the_exact_epsilon_of_a_point_mass():
     assert loss < 1e-9 and sorted(seen) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("t", [150, 450, 800])
+def test_clipped_epsilon_keeps_in_range_x0_and_clips_the_rest(t):
+    """clip_x0 for DVDP: with the true ε of an in-range x0 the clipped ε is ε itself; for an image outside the data
+    range, the x0 implied by the clipped ε is D^k x0 clamped to ±2^k (the range of D^k of [-1, 1] images)."""
+    m = DVDP((300, 600))
+    k = int(m.stage(torch.tensor([t])))
+    g = torch.Generator().manual_seed(5)
+    x0 = (torch.rand(2, 1, 16, 16, generator=g, dtype=torch.float64) * 2 - 1)
+    noise = torch.randn(2, 1, 16 // 2**k, 16 // 2**k, generator=g, dtype=torch.float64)
+    lam, sig = m.lam[:, t], m.sig[:, t]
+    x_t = m.q_sample(x0, torch.tensor([t]), noise)
+    torch.testing.assert_close(m.clipped_epsilon(x_t, noise, t, k), noise, rtol=0, atol=1e-9)
+
+    wide = 3 * x0
+    wide[..., :8] += 2  # left half beyond the range at every level, right half partly inside
+    x_t = m.q_sample(wide, torch.tensor([t]), noise)
+    eps = m.clipped_epsilon(x_t, noise, t, k)
+    implied = apply_per_subspace(x_t, k, 1 / lam) - apply_per_subspace(eps, k, sig / lam)
+    assert (_downs(wide, k).abs() > 2**k).any() and (_downs(wide, k).abs() < 2**k).any()
+    torch.testing.assert_close(implied, _downs(wide, k).clamp(-(2**k), 2**k), rtol=0, atol=1e-9)
+
+
 # --- reverse process -------------------------------------------------------------------------------------------
 def _jump_covariance_error(method, Sigma, n=4):
     """Exact covariances (from the code's linear maps) of the true q(x_{T_1}^0) and of the jump's p(x_{T_1}^0)."""
@@ -400,7 +422,7 @@ def test_tiny_run_trains_checkpoints_resumes_and_samples_from_low_resolution_noi
         sizes.append(x.shape[-1])
         return net(x, t)
 
-    for opts in (dict(sampler="ddim", steps=3), dict(sampler="ddpm")):
+    for opts in (dict(sampler="ddim", steps=3), dict(sampler="ddpm"), dict(sampler="ddim", steps=3, clip_x0=True)):
         sizes.clear()
         images = loaded.sample(recording, 3, (1, 8, 8), generator=torch.Generator().manual_seed(0), progress=False,
                                **opts)

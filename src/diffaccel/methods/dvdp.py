@@ -146,6 +146,17 @@ class DVDP(Method):
         _add_once(group, "--lambda-at-turn", type=float, default=1e-2,
                   help="dvdp: signal scale of a detail subspace at the turning point that drops it (default 1e-2)")
 
+    @staticmethod
+    def add_sample_arguments(group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--clip-x0", action="store_true",
+                           help="clip each predicted x0 to the data range (DDPM's clip_denoised)")
+
+    def sampler_options(self, args: argparse.Namespace) -> dict:
+        options = super().sampler_options(args)
+        if getattr(args, "clip_x0", False):
+            options["clip_x0"] = True
+        return options
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DVDP":
         kwargs = {"T": getattr(args, "time_steps", None) or 1000}
@@ -276,12 +287,25 @@ class DVDP(Method):
         detail = eps - block_mean(eps, 1)
         return xu + self.sig[i, self.turning_points[i]].item() * detail
 
+    def clipped_epsilon(self, x: torch.Tensor, eps: torch.Tensor, t: int, level: int) -> torch.Tensor:
+        """The ε whose predicted x0 is clipped to the data range, per subspace (DDPM's ``clip_denoised`` for DVDP).
+
+        x̂0 = Σ_i P_i (x − σ̄_{i,t} ε̂)/λ̄_{i,t} is an image of D^level x0, whose pixels lie in ±2^level when the
+        data lie in [-1, 1] (D = 2·avgpool); the returned ε' = Σ_i P_i (x − λ̄_{i,t} clip(x̂0))/σ̄_{i,t}.
+        """
+        lam, sig = self.lam[:, t], self.sig[:, t]
+        bound = 2.0**level
+        x0 = (apply_per_subspace(x, level, 1 / lam) - apply_per_subspace(eps, level, sig / lam)).clamp(-bound, bound)
+        return apply_per_subspace(x - apply_per_subspace(x0, level, lam), level, 1 / sig)
+
     @torch.no_grad()
     def sample(self, net: nn.Module, n: int, image_shape, *, generator: torch.Generator | None = None, device=None,
-               sampler: str = "ddim", steps: int = 20, eta: float = 1.0, progress: bool = True) -> torch.Tensor:
+               sampler: str = "ddim", steps: int = 20, eta: float = 1.0, progress: bool = True,
+               clip_x0: bool = False) -> torch.Tensor:
         """Start from N(0, I) at resolution H/2^K, run each stage's per-subspace steps and jump at every turning point.
 
         ``sampler="ddpm"`` takes all T ancestral steps (η = 1); ``"ddim"`` takes ``steps`` steps with the given η.
+        ``clip_x0`` clips each predicted x0 to the data range (see ``clipped_epsilon``).
         """
         C, H, W = image_shape
         self.check_image_size(H, W)
@@ -296,6 +320,8 @@ class DVDP(Method):
             k = self.K - stage_pos
             for t, s in zip(times[:-1], times[1:]):
                 eps = net(x, torch.full((n,), float(t), device=x.device))
+                if clip_x0:
+                    eps = self.clipped_epsilon(x, eps, t, k)
                 a, b, c = self.step_coefficients(t, s, eta)
                 x = apply_per_subspace(x, k, a) + apply_per_subspace(eps, k, b)
                 if eta > 0:
