@@ -91,5 +91,12 @@ class Method:
 
     def sampler_options(self, args: argparse.Namespace) -> dict:
         """Sampler options from the `sample`/`eval` command line (default: the epsilon samplers' flags)."""
-        options = {"sampler": args.sampler, "steps": args.steps, "eta": args.eta}
+        options = {"sampler": args.sampler, "steps": args.steps, "eta": args.eta,
+                   "clip_x0": getattr(args, "clip_x0", False) or None}
         return {k: v for k, v in options.items() if v is not None}  # unset flags keep the method's defaults
+
+
+def add_clip_x0_argument(group: argparse._ArgumentGroup) -> None:
+    """``--clip-x0`` for the methods whose DDIM/DDPM samplers take ``clip_x0`` (read by ``Method.sampler_options``)."""
+    group.add_argument("--clip-x0", action="store_true",
+                       help="DDIM/DDPM: clip each predicted x0 to the data range (DDPM's clip_denoised)")

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffaccel.errors import UserError
-from diffaccel.methods.base import Method
+from diffaccel.methods.base import Method, add_clip_x0_argument
 from diffaccel.schedules import linear_schedule
 
 
@@ -146,16 +146,7 @@ class DVDP(Method):
         _add_once(group, "--lambda-at-turn", type=float, default=1e-2,
                   help="dvdp: signal scale of a detail subspace at the turning point that drops it (default 1e-2)")
 
-    @staticmethod
-    def add_sample_arguments(group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--clip-x0", action="store_true",
-                           help="clip each predicted x0 to the data range (DDPM's clip_denoised)")
-
-    def sampler_options(self, args: argparse.Namespace) -> dict:
-        options = super().sampler_options(args)
-        if getattr(args, "clip_x0", False):
-            options["clip_x0"] = True
-        return options
+    add_sample_arguments = staticmethod(add_clip_x0_argument)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DVDP":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from diffaccel.errors import UserError
+from diffaccel.methods.base import add_clip_x0_argument
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -304,13 +305,10 @@ class EpsilonPDS:
     @staticmethod
     def add_sample_arguments(group) -> None:
         add_epsilon_pds_arguments(group)
-        group.add_argument("--clip-x0", action="store_true",
-                           help="epsilon models: clip each predicted x0 to [-1, 1] (DDPM's clip_denoised)")
+        add_clip_x0_argument(group)
 
     def sampler_options(self, args) -> dict:
         options = super().sampler_options(args)
-        if getattr(args, "clip_x0", False):
-            options["clip_x0"] = True
         if getattr(args, "pds", False):
             options.update(pds=True, pds_alpha=getattr(args, "pds_alpha", 5.0),
                            pds_space=bool(getattr(args, "pds_space", False)), pds_filter=getattr(args, "pds_filter", None))
