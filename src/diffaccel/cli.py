@@ -89,7 +89,7 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     g.add_argument("--sample-every", type=int, default=d.sample_every, help="save a sample grid every N steps")
     g.add_argument("--clip-x0", action="store_true",
-                   help="epsilon methods: clip predicted x0 to [-1, 1] in the run's sample grids")
+                   help="baseline, KL, DVDP: clip predicted x0 to the data range in the run's sample grids")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="FID every N steps into metrics.jsonl")
     g.add_argument("--eval-n", type=int, default=1000, help="samples per evaluation during training")
     g.add_argument("--extractor", default="effnet", help="feature extractor for --eval-every")
