@@ -249,9 +249,8 @@ def run(out_dir: Path, quick: bool = False, work_dir: Path | None = None) -> dic
         ax2.set_title("Weighted Learning ablation (LDDGAN)", fontsize=9)
 
     notes = [
-        f"Equal wall-clock training budget of {P['budget']} s per model (batch {P['batch']}, 1 torch thread, on a "
-        "CPU shared with other jobs, so the same budget buys different step counts for different models — "
-        "that is the comparison). The autoencoder's own training "
+        f"Equal wall-clock training budget of {P['budget']} s per model (batch {P['batch']}, 1 torch thread; the "
+        "same budget buys different step counts for different models — that is the comparison). The autoencoder's own training "
         f"({results['autoencoder']['train_seconds']} s) and the one-off latent encoding are not counted.",
         f"FID[effnet] / recall[effnet]: {P['n_eval']} samples against {P['n_ref']} real training images "
         "(small-sample FID is biased upwards; compare rows, not with published numbers).",
