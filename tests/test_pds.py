@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from diffaccel.errors import UserError
-from diffaccel.methods.pds import (Preconditioner, ShiftSolenoid, frequency_filter, pds_filter_main,
-                                   preconditioned_ddim, radial_filter, space_filter)
+from diffaccel.methods.pds import (Preconditioner, ShiftSolenoid, frequency_filter, pds_filter_main, radial_filter,
+                                   space_filter)
 from diffaccel.methods.score_ve import ScoreVE, max_pairwise_distance, sigma_max_from_data
+from diffaccel.samplers import preconditioned_ddim
 from diffaccel.samplers_score import ald_sampler, pc_sampler, ve_sigmas
 
 

@@ -85,8 +85,6 @@ def sample_epsilon(eps_fn: EpsFn, shape: tuple[int, ...], alpha_bars: torch.Tens
     """Draw x_T ~ N(0, I) and run the named epsilon sampler (``preconditioner``: PDS-preconditioned DDIM)."""
     x_T = torch.randn(shape, generator=generator, device=device)
     if preconditioner is not None:
-        from diffaccel.methods.pds import preconditioned_ddim
-
         if sampler != "ddim" or clip_x0:
             raise UserError("--pds on an epsilon model works with --sampler ddim (any eta) and without --clip-x0")
         return preconditioned_ddim(eps_fn, x_T, alpha_bars, steps, eta=eta, generator=generator,
@@ -100,3 +98,43 @@ def sample_epsilon(eps_fn: EpsFn, shape: tuple[int, ...], alpha_bars: torch.Tens
 
 def epsilon_nfe(alpha_bars_len: int, sampler: str, steps: int) -> int:
     return alpha_bars_len - 1 if sampler == "ddpm" else steps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Extension: preconditioned DDIM / DDPM (VP) sampler — derivation in docs/pds.md
+# --------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def preconditioned_ddim(eps_fn, x_T: torch.Tensor, alpha_bars: torch.Tensor, steps: int, *, eta: float = 1.0,
+                        preconditioner=None, generator: torch.Generator | None = None,
+                        progress: bool = False) -> torch.Tensor:
+    """DDIM(η) with the stochastic part preconditioned (PDS for VP models; ``preconditioner`` is a
+    ``diffaccel.methods.pds.Preconditioner`` or anything with its ``apply`` / ``apply_gram``).
+
+    One step from grid index k to j < k, with ε̂ = eps_fn(x, k), x̂₀ = (x − √(1−ᾱ_k) ε̂)/√ᾱ_k,
+    σ = η·√((1−ᾱ_j)/(1−ᾱ_k))·√(1−ᾱ_k/ᾱ_j), c₀ = √(1−ᾱ_j), c = √(1−ᾱ_j−σ²):
+
+        x_j = √ᾱ_j x̂₀ + c₀ ε̂ − (c₀ − c)·M·Mᵀ ε̂ + σ·M z.
+
+    With M = I this is DDIM(η) (η = 1: DDPM ancestral); the deterministic part √ᾱ_j x̂₀ + c₀ ε̂ is the η = 0
+    (probability-flow) step and the rest is a Langevin step with step size δ = (c₀ − c)√(1−ᾱ_k) ≈ σ²/2 on the
+    score s = −ε̂/√(1−ᾱ_k), which is what preconditioning may change without moving the marginals p_t
+    (docs/pds.md). ``x_T`` should be M·z with z ~ N(0, I) to start from the preconditioned prior as PDS does —
+    the prior N(0, I) is then replaced by N(0, M·Mᵀ); pass plain z to keep the exact prior.
+    """
+    indices = ddim_timesteps(alpha_bars.shape[0] - 1, steps)
+    alpha_bars = alpha_bars.to(device=x_T.device, dtype=torch.float64)
+    x = x_T
+    for k, j in tqdm(list(zip(indices[:-1], indices[1:])), disable=not progress, desc="pds-ddim", leave=False):
+        ab_k, ab_j = alpha_bars[k].to(x.dtype), alpha_bars[j].to(x.dtype)
+        eps = eps_fn(x, torch.full((x.shape[0],), float(k), device=x.device))
+        x0 = (x - (1 - ab_k).sqrt() * eps) / ab_k.sqrt()
+        var = eta ** 2 * (1 - ab_j) / (1 - ab_k) * (1 - ab_k / ab_j)
+        c0 = (1 - ab_j).sqrt()
+        c = (1 - ab_j - var).clamp(min=0).sqrt()
+        x = ab_j.sqrt() * x0 + c0 * eps
+        if eta > 0:  # noise drawn on every step, as diffaccel.samplers.ddim does, so M = I reproduces it
+            langevin_drift = eps if preconditioner is None else preconditioner.apply_gram(eps)
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = z if preconditioner is None else preconditioner.apply(z)
+            x = x - (c0 - c) * langevin_drift + var.sqrt() * noise
+    return x

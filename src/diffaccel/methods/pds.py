@@ -1,4 +1,5 @@
-"""PDS: preconditioned diffusion sampling (Ma et al.), the filters it is built from, and a preconditioned VP sampler.
+"""PDS: preconditioned diffusion sampling (Ma et al.) and the filters it is built from (the preconditioned VP
+sampler, `preconditioned_ddim`, is with the other epsilon samplers in `diffaccel.samplers`).
 
 The preconditioner is M = F⁻¹·R·F·A (supplementary eq. 19): A is a per-pixel *space* filter, R a per-frequency
 filter and F the 2-D DFT over the last two axes. Langevin-type updates keep their stationary distribution when
@@ -207,49 +208,6 @@ def build_preconditioner(images: torch.Tensor | None = None, *, alpha: float = 5
         raise UserError("PDS needs data images or a --pds-filter file to build its filters")
     return Preconditioner(frequency_filter(images, alpha), space_filter(images, alpha) if use_space else None,
                           solenoid)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Extension: preconditioned DDIM / DDPM (VP) sampler — derivation in docs/pds.md
-# --------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def preconditioned_ddim(eps_fn, x_T: torch.Tensor, alpha_bars: torch.Tensor, steps: int, *, eta: float = 1.0,
-                        preconditioner: Preconditioner | None = None, generator: torch.Generator | None = None,
-                        progress: bool = False) -> torch.Tensor:
-    """DDIM(η) with the stochastic part preconditioned (PDS for VP models).
-
-    One step from grid index k to j < k, with ε̂ = eps_fn(x, k), x̂₀ = (x − √(1−ᾱ_k) ε̂)/√ᾱ_k,
-    σ = η·√((1−ᾱ_j)/(1−ᾱ_k))·√(1−ᾱ_k/ᾱ_j), c₀ = √(1−ᾱ_j), c = √(1−ᾱ_j−σ²):
-
-        x_j = √ᾱ_j x̂₀ + c₀ ε̂ − (c₀ − c)·M·Mᵀ ε̂ + σ·M z.
-
-    With M = I this is DDIM(η) (η = 1: DDPM ancestral); the deterministic part √ᾱ_j x̂₀ + c₀ ε̂ is the η = 0
-    (probability-flow) step and the rest is a Langevin step with step size δ = (c₀ − c)√(1−ᾱ_k) ≈ σ²/2 on the
-    score s = −ε̂/√(1−ᾱ_k), which is what preconditioning may change without moving the marginals p_t
-    (docs/pds.md). ``x_T`` should be M·z with z ~ N(0, I) to start from the preconditioned prior as PDS does —
-    the prior N(0, I) is then replaced by N(0, M·Mᵀ); pass plain z to keep the exact prior.
-    """
-    from tqdm.auto import tqdm
-
-    from diffaccel.samplers import ddim_timesteps
-
-    indices = ddim_timesteps(alpha_bars.shape[0] - 1, steps)
-    alpha_bars = alpha_bars.to(device=x_T.device, dtype=torch.float64)
-    x = x_T
-    for k, j in tqdm(list(zip(indices[:-1], indices[1:])), disable=not progress, desc="pds-ddim", leave=False):
-        ab_k, ab_j = alpha_bars[k].to(x.dtype), alpha_bars[j].to(x.dtype)
-        eps = eps_fn(x, torch.full((x.shape[0],), float(k), device=x.device))
-        x0 = (x - (1 - ab_k).sqrt() * eps) / ab_k.sqrt()
-        var = eta ** 2 * (1 - ab_j) / (1 - ab_k) * (1 - ab_k / ab_j)
-        c0 = (1 - ab_j).sqrt()
-        c = (1 - ab_j - var).clamp(min=0).sqrt()
-        x = ab_j.sqrt() * x0 + c0 * eps
-        if eta > 0:  # noise drawn on every step, as diffaccel.samplers.ddim does, so M = I reproduces it
-            langevin_drift = eps if preconditioner is None else preconditioner.apply_gram(eps)
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            noise = z if preconditioner is None else preconditioner.apply(z)
-            x = x - (c0 - c) * langevin_drift + var.sqrt() * noise
-    return x
 
 
 # --------------------------------------------------------------------------------------------------------------
