@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffaccel.errors import UserError
+from diffaccel.metrics.images import extractor_input
 
 EXTRACTORS = ("effnet", "inception")
 
@@ -35,19 +36,6 @@ def effnet_input_size(image_size: int) -> int:
     """
     side = 32 * -(-2 * int(image_size) // 32)
     return int(min(max(side, 64), 224))
-
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] or float [-1, 1] images -> float32 [-1, 1]."""
-    if images.dtype == torch.uint8:
-        return images.float().div_(127.5).sub_(1.0)
-    return images.float()
-
-
-def _to_rgb(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise UserError(f"images must be [B, C, H, W] with C = 1 or 3, got shape {tuple(x.shape)}")
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -140,7 +128,7 @@ class EffNetLite0Features(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = _to_rgb(to_unit_range(images))
+        x = extractor_input(images)
         x = resize(x, self.input_size)
         x = ((x + 1.0) * 127.5 - 127.0) / 128.0
         if x.device.type == "cpu":

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffaccel.errors import UserError
+from diffaccel.metrics.images import extractor_input
 
 WEIGHTS_FILENAMES = ("pt_inception-2015-12-05-6726825d.pth",)
 WEIGHTS_URL_HINT = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAMES[0]
@@ -202,9 +203,7 @@ class FIDInceptionV3(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from diffaccel.metrics.features import _to_rgb, to_unit_range
-
-        x = _to_rgb(to_unit_range(images))
+        x = extractor_input(images)
         # pytorch-fid: bilinear resize of [0, 1] images, then 2x - 1; resizing is linear, so resizing [-1, 1]
         # images directly gives the same input.
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
