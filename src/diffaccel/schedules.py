@@ -85,7 +85,3 @@ def discrete_schedule(kind: str, N: int) -> torch.Tensor:
     if kind == "cosine":
         return cosine_schedule(N)
     raise UserError(f"unknown schedule {kind!r}; choose vp, linear or cosine")
-
-
-# the DDGAN few-step schedule lives beside its method; re-exported with the other schedules
-from diffaccel.methods.ddgan_schedule import DDGANSchedule, ddgan_schedule  # noqa: E402,F401
