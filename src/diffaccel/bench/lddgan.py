@@ -250,7 +250,8 @@ def run(out_dir: Path, quick: bool = False, work_dir: Path | None = None) -> dic
 
     notes = [
         f"Equal wall-clock training budget of {P['budget']} s per model (batch {P['batch']}, 1 torch thread; the "
-        "same budget buys different step counts for different models — that is the comparison). The autoencoder's own training "
+        "same budget buys different step counts for different models — that is the comparison). The "
+        "autoencoder's own training "
         f"({results['autoencoder']['train_seconds']} s) and the one-off latent encoding are not counted.",
         f"FID[effnet] / recall[effnet]: {P['n_eval']} samples against {P['n_ref']} real training images "
         "(small-sample FID is biased upwards; compare rows, not with published numbers).",
