@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -92,7 +93,8 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
                    help="baseline, KL, DVDP: clip predicted x0 to the data range in the run's sample grids")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="FID every N steps into metrics.jsonl")
     g.add_argument("--eval-n", type=int, default=1000, help="samples per evaluation during training")
-    g.add_argument("--extractor", default="effnet", help="feature extractor for --eval-every")
+    g.add_argument("--extractor", default="effnet", help="feature extractor for --eval-every: effnet | inception | "
+                   "digits (1x32x32 digit images)")
     g.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite,
                    help="stop after this many non-finite steps in a row")
     seen: set[str] = set(p._option_string_actions)
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_sampling_flags(p)
     p.add_argument("--n", type=int, default=10000, help="number of generated samples")
-    p.add_argument("--extractor", default="effnet", help="effnet | inception")
+    p.add_argument("--extractor", default="effnet", help="effnet | inception | digits (1x32x32 digit images)")
     p.add_argument("--inception-weights", type=Path, default=None, help="pt_inception-2015-12-05 weights file")
     p.add_argument("--out", type=Path, default=None, help="eval.json path (default: RUN_DIR/eval.json)")
 
@@ -141,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="benchmark name (omit to list them)")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke version")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="train and sample every model this many times (seeds 0..K-1) and report 95%% intervals")
+    p.add_argument("--dry-run", action="store_true", help="print the planned rows and an estimated time, run nothing")
+
+    p = sub.add_parser("train-extractor", help="train the digits classifier that `--extractor digits` uses",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("name", choices=["digits"])
+    p.add_argument("--out", type=Path, default=None, help="weights file (default: the one shipped in the package)")
+    p.add_argument("--check", action="store_true",
+                   help="train, then compare with the shipped weights' checksum instead of writing them")
 
     p = sub.add_parser("info", help="describe a run directory: method, settings, checkpoints, last metrics")
     p.add_argument("run_dir", type=Path)
@@ -316,9 +328,46 @@ def cmd_bench(args: argparse.Namespace) -> None:
         return
     fn = benchmark_function(args.name)
     out_dir = args.out / args.name if not args.quick else args.out / f"{args.name}-quick"
-    result = fn(out_dir, quick=args.quick)
+    options = {}
+    accepted = inspect.signature(fn).parameters
+    for flag, key, value in (("--seeds", "seeds", args.seeds), ("--dry-run", "dry_run", args.dry_run or None)):
+        if value is None:
+            continue
+        if key not in accepted:
+            raise UserError(f"benchmark {args.name!r} does not take {flag} (it is not on the shared harness)")
+        if key == "seeds" and not 1 <= value <= 100:
+            raise UserError(f"--seeds must be between 1 and 100, got {value}")
+        options[key] = value
+    result = fn(out_dir, quick=args.quick, **options)
+    if args.dry_run:
+        return result
     print(f"results in {out_dir}")
     return result
+
+
+def cmd_train_extractor(args: argparse.Namespace) -> None:
+    from diffaccel.metrics import digits
+
+    if args.check and args.out is not None:
+        raise UserError("--check compares with the shipped weights and writes nothing: drop --out")
+    net, report = digits.train_digits_classifier(progress=True)
+    print(json.dumps(report, indent=1))
+    if report["heldout_accuracy"] < 0.97:
+        raise UserError(f"held-out accuracy {report['heldout_accuracy']:.4f} is below 0.97; weights not written")
+    if args.check:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            digest = digits.save_classifier(net, Path(tmp) / "w.safetensors", report)
+        same = digest == digits.WEIGHTS_SHA256
+        print(f"sha256 {digest}: {'reproduces' if same else 'DIFFERS FROM'} the shipped weights "
+              f"({digits.WEIGHTS_SHA256})")
+        if not same:
+            raise SystemExit(1)
+        return
+    out = args.out or digits.WEIGHTS_PATH
+    digest = digits.save_classifier(net, out, report)
+    print(f"wrote {out} (sha256 {digest})")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -367,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         args = _apply_config_file(parser, argv)
         args.argv = argv
         {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info,
-         "doctor": cmd_doctor}[args.command](args)
+         "doctor": cmd_doctor, "train-extractor": cmd_train_extractor}[args.command](args)
     except UserError as e:
         print(f"diffaccel: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
