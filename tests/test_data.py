@@ -107,3 +107,18 @@ def test_save_grid(tmp_path):
     path = save_grid(torch.rand(10, 1, 8, 8) * 2 - 1, tmp_path / "g.png", nrow=5)
     im = Image.open(path)
     assert im.size == (5 * 10 + 2, 2 * 10 + 2) and im.format == "PNG"
+
+
+def test_mnist5k_limit_takes_every_class():
+    # stored sorted by class: a limit must not mean "the first N", which would all be zeros
+    import numpy as np
+
+    from diffaccel.data import load_dataset, mnist5k_labels
+
+    full = load_dataset("mnist5k").images
+    part = load_dataset("mnist5k", limit=300).images
+    labels = mnist5k_labels()
+    index = {bytes(x.numpy()): i for i, x in enumerate(full)}
+    picked = [index[bytes(x.numpy())] for x in part]
+    assert picked == sorted(picked) and len(set(picked)) == 300
+    assert np.bincount(labels[picked], minlength=10).min() >= 15

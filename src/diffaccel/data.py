@@ -282,7 +282,12 @@ def load_dataset(spec: str, resolution: int | None = None, channels: int | None 
             raise UserError(f"unsupported dataset file {path}: expected a folder of images, a .npz array, "
                             "a CIFAR-10 python batches folder or an MNIST idx file")
     images = torch.from_numpy(np.ascontiguousarray(x))
-    if limit is not None:
+    if limit is not None and spec == "mnist5k" and limit < len(images):
+        # mnist5k is stored sorted by class (500 zeros, then 500 ones, ...): its first N would all be zeros, so a
+        # limit takes a fixed random subset instead (kept in the stored order)
+        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        images = images[keep]
+    elif limit is not None:
         images = images[:limit]
     if resolution is not None:
         images = _resize(images, resolution)

@@ -1,0 +1,95 @@
+"""The side-by-side harness end to end on a tiny two-model, two-seed benchmark: outputs, floors, intervals,
+resumption without retraining, and invalidation of only what a changed setting affects."""
+
+import json
+import os
+
+import pytest
+
+from diffaccel.bench.runner import RealSplit, run_benchmark
+from diffaccel.bench.specs import Benchmark, ModelSpec, SamplerSpec
+
+TINY_NET = {"preset": "tiny", "overrides": {"block_out_channels": [8, 16], "norm_num_groups": 4}}
+
+
+def tiny_benchmark(ddim_steps: int = 2) -> Benchmark:
+    ddim = SamplerSpec("DDIM", {"sampler": "ddim", "steps": ddim_steps, "eta": 0.0})
+    return Benchmark(
+        name="tiny", title="tiny", data="mnist5k", resolution=32, data_limit=300, steps=4, eval_every=2,
+        n_samples=12, n_reference=100, extractors=("digits",), reference_model="A",
+        train_defaults={"net": TINY_NET, "batch_size": 4, "lr": 1e-3, "ema_decay": 0.9},
+        models=[ModelSpec("A", "baseline", {"N": 50}, samplers=(ddim,)),
+                ModelSpec("B", "baseline", {"N": 50}, train={"batch_size": 8},
+                          samplers=(ddim, SamplerSpec("DDPM", {"sampler": "ddpm"}, n=8, final_only=True)))])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    summary = run_benchmark(tiny_benchmark(), out, seeds=2, progress=False)
+    return out, summary
+
+
+def test_outputs_and_rows(finished):
+    out, summary = finished
+    for name in ("results.json", "results.md", "results.png", "samples_a_ddim.png", "samples_b_ddpm.png"):
+        assert (out / name).is_file(), name
+    rows = {(r["model"], r["sampler"]): r for r in summary["rows"]}
+    assert set(rows) == {("A", "DDIM"), ("B", "DDIM"), ("B", "DDPM")}
+    fid = rows[("A", "DDIM")]["fid[digits]"]
+    assert fid.n == 2 and fid.half_width is not None and fid.half_width > 0
+    assert rows[("B", "DDPM")]["n_samples"] == 8 and rows[("B", "DDPM")]["nfe"] == 50
+    md = (out / "results.md").read_text()
+    assert "real vs real (floor, 12 vs 100)" in md and "real vs real (floor, 8 vs 100)" in md
+    data = json.loads((out / "results.json").read_text())
+    assert data["rows"][0]["fid[digits]"]["n_seeds"] == 2
+    # the curve has the intermediate point (step 2) and the final one (step 4), per seed averaged
+    assert [p["step"] for p in summary["curves"]["A"]["fid[digits]"]] == [2, 4]
+
+
+def test_floor_sets_are_disjoint_from_the_reference():
+    import torch
+
+    images = torch.arange(50).view(50, 1, 1, 1).expand(50, 1, 2, 2).contiguous()
+    split = RealSplit(images, 30)
+    ref = set(split.reference[:, 0, 0, 0].tolist())
+    for seed in range(4):
+        assert not ref & set(split.floor_set(10, seed)[:, 0, 0, 0].tolist())
+    assert len(split.floor_set(100, 0)) == 20  # capped at the images left
+
+
+def test_rerun_reuses_everything_and_a_sampler_change_only_resamples(finished):
+    out, first = finished
+    work = out / "work"
+    trained = [work / m / f"seed{k}" / "trained.json" for m in ("a", "b") for k in (0, 1)]
+    stamps = [p.stat().st_mtime_ns for p in trained]
+    again = run_benchmark(tiny_benchmark(), out, seeds=2, progress=False)
+    assert [p.stat().st_mtime_ns for p in trained] == stamps
+    assert again["rows"][0]["fid[digits]"].mean == first["rows"][0]["fid[digits]"].mean
+    evals = work / "b" / "seed0" / "evals"
+    ddpm_stamp = (evals / "ddpm.json").stat().st_mtime_ns
+    run_benchmark(tiny_benchmark(ddim_steps=3), out, seeds=2, progress=False)
+    assert [p.stat().st_mtime_ns for p in trained] == stamps  # no retraining
+    assert (evals / "ddpm.json").stat().st_mtime_ns == ddpm_stamp  # untouched sampler kept
+    assert json.loads((evals / "ddim.json").read_text())["nfe"] == 3
+
+
+def test_interrupted_training_resumes(tmp_path):
+    bench = tiny_benchmark()
+    bench.models = bench.models[:1]
+    run_benchmark(bench, tmp_path, seeds=1, progress=False)
+    folder = tmp_path / "work" / "a" / "seed0"
+    reference = json.loads((folder / "evals" / "ddim.json").read_text())["fid[digits]"]
+    os.remove(folder / "trained.json")  # as if killed after the last checkpoint, before the marker
+    for f in (folder / "evals").iterdir():
+        f.unlink()
+    run_benchmark(bench, tmp_path, seeds=1, progress=False)
+    assert json.loads((folder / "evals" / "ddim.json").read_text())["fid[digits]"] == pytest.approx(reference)
+
+
+def test_dry_run_plans_without_training(tmp_path, capsys):
+    plan = run_benchmark(tiny_benchmark(), tmp_path, seeds=2, dry_run_only=True, progress=False)
+    assert len(plan["plan"]) == 4 and all(r["status"] == "to train" for r in plan["plan"])
+    assert plan["estimated_seconds"] > 0
+    assert not (tmp_path / "work" / "a").exists()
+    assert "estimated time left" in capsys.readouterr().out
