@@ -53,7 +53,8 @@ def markdown_table(rows: list[dict], floatfmt: str = ".4g") -> str:
 
 
 def write_results(out_dir: str | Path, name: str, results: dict, table_rows: list[dict],
-                  plot_fn: Callable | None = None, notes: str = "", started: float | None = None) -> Path:
+                  plot_fn: Callable | None = None, notes: str = "", started: float | None = None,
+                  figsize: tuple[float, float] = (7, 4.5)) -> Path:
     """Write ``results.json``, ``results.md`` and (if ``plot_fn(fig)`` is given) ``results.png`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ def write_results(out_dir: str | Path, name: str, results: dict, table_rows: lis
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig = plt.figure(figsize=(7, 4.5))
+        fig = plt.figure(figsize=figsize)
         plot_fn(fig)
         fig.tight_layout()
         fig.savefig(out_dir / "results.png", dpi=100)

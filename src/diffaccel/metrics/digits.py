@@ -91,7 +91,7 @@ def class_coverage(predicted: torch.Tensor, num_classes: int = NUM_CLASSES) -> f
     """Entropy of the histogram of predicted classes, normalised by ln(num_classes) to [0, 1]."""
     p = torch.bincount(predicted.long(), minlength=num_classes).double()
     p = p[p > 0] / p.sum()
-    return float(-(p * p.log()).sum() / math.log(num_classes))
+    return max(0.0, float(-(p * p.log()).sum() / math.log(num_classes)))  # max: no "-0.0" for one class
 
 
 def classifier_scores_from_features(features: torch.Tensor, classifier: DigitClassifier | None = None) -> dict:
