@@ -39,6 +39,7 @@ def test_outputs_and_rows(finished):
     fid = rows[("A", "DDIM")]["fid[digits]"]
     assert fid.n == 2 and fid.half_width is not None and fid.half_width > 0
     assert rows[("B", "DDPM")]["n_samples"] == 8 and rows[("B", "DDPM")]["nfe"] == 50
+    assert rows[("A", "DDIM")]["cost_sec_per_step"] > 0 and rows[("A", "DDIM")]["peak_train_memory_mb"] >= 0
     md = (out / "results.md").read_text()
     assert "real vs real (floor, 12 vs 100)" in md and "real vs real (floor, 8 vs 100)" in md
     data = json.loads((out / "results.json").read_text())

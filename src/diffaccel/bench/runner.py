@@ -370,7 +370,12 @@ def run_benchmark(bench: Benchmark, out_dir: str | Path, seeds: int = 1, dry_run
             run_dir = train_one(bench, model, seed, steps, split, dataset, work, quick, progress)
             results[(model.label, seed)] = {"steps": steps, "final": evaluate_one(bench, model, seed, run_dir, split),
                                             **training_curve(run_dir)}
-    summary = summarize(bench, results, floor, seeds)
+    costs = None
+    if bench.measure_cost:
+        from diffaccel.bench.cost import measure_costs
+
+        costs = measure_costs(bench, work, quick)
+    summary = summarize(bench, results, floor, seeds, costs)
     if bench.extra is not None:
         summary["extra"] = bench.extra(bench, results, out_dir)
     write_outputs(bench, summary, out_dir, work, started, quick)

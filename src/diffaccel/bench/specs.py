@@ -72,6 +72,7 @@ class Benchmark:
     reference_model: str | None = None
     train_defaults: dict = field(default_factory=dict)
     sample_batch: int = 250
+    measure_cost: bool = True   # seconds per step and peak memory of every model, each in a fresh process
     notes: str = ""
     extra: Callable | None = None  # extra(benchmark, results, out_dir) -> dict: benchmark-specific measurements
 

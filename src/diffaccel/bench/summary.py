@@ -48,7 +48,7 @@ def _mean_curve(per_seed: list[list[tuple[int, float, float]]]) -> list[dict]:
     return out
 
 
-def summarize(bench: Benchmark, results: dict, floor: dict, seeds: int) -> dict:
+def summarize(bench: Benchmark, results: dict, floor: dict, seeds: int, costs: dict | None = None) -> dict:
     metrics = quality_metrics(bench)
     rows, curves = [], {}
     for model in bench.models:
@@ -73,6 +73,9 @@ def summarize(bench: Benchmark, results: dict, floor: dict, seeds: int) -> dict:
                    "seeds": len(finals),
                    "train_sec_per_step": mean_interval([r["sec_per_step"] for r in runs]),
                    "seconds_per_100_images": mean_interval([f["seconds_per_100_images"] for f in finals])}
+            cost = (costs or {}).get(model.label, {})
+            row["cost_sec_per_step"] = cost.get("sec_per_step")
+            row["peak_train_memory_mb"] = cost.get("peak_mem_mb")
             for metric in metrics:
                 row[metric] = mean_interval([f.get(metric) for f in finals])
             row["per_seed"] = finals
@@ -144,7 +147,11 @@ def table_rows(summary: dict, bench: Benchmark) -> list[dict]:
         flag = {True: "still improving", False: "flattened", None: "-"}[r.get("still_improving")]
         out.append({"model": r["model"], "sampler": r["sampler"], "steps": r["steps"], "NFE": r["nfe"],
                     "n": r["n_samples"], "seeds": r["seeds"], **{m: _cell(r.get(m)) for m in shown},
-                    "train s/step": _cell(r["train_sec_per_step"]), "s/100 img": _cell(r["seconds_per_100_images"]),
+                    "train s/step": _cell(r["cost_sec_per_step"] if r.get("cost_sec_per_step") is not None
+                                          else r["train_sec_per_step"]),
+                    **({"peak train MB": _cell(r["peak_train_memory_mb"])}
+                       if r.get("peak_train_memory_mb") is not None else {}),
+                    "s/100 img": _cell(r["seconds_per_100_images"]),
                     "curve": flag, **({"vs reference": r.get("vs_reference", "")} if bench.reference_model else {}),
                     **({"steps to reference best": _cell(r.get("steps_to_reference_best"))}
                        if bench.reference_model and bench.eval_every else {})})
@@ -230,7 +237,10 @@ def write_outputs(bench: Benchmark, summary: dict, out_dir: Path, work: Path, st
           "The floor rows score two disjoint real sets of the same sizes with the same metrics: no model can be "
           "told apart from the data below them. \"still improving\": the best value of the primary metric is at "
           "the last evaluation (the curve has not flattened). \"vs reference\": better/worse only when the "
-          "intervals do not overlap, n.s. otherwise.", ""]
+          "intervals do not overlap, n.s. otherwise. \"train s/step\" and \"peak train MB\": the median of timed "
+          "trainer steps of each model in a fresh process (one model at a time; `work/cost.json` has the load "
+          "average), or else the median logged during training; \"s/100 img\": wall time of the final "
+          "evaluation's sampling.", ""]
     if bench.notes:
         md += [bench.notes, ""]
     if (out_dir / "results.png").is_file():
