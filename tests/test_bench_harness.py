@@ -94,3 +94,36 @@ def test_dry_run_plans_without_training(tmp_path, capsys):
     assert plan["estimated_seconds"] > 0
     assert not (tmp_path / "work" / "a").exists()
     assert "estimated time left" in capsys.readouterr().out
+
+
+def _result(steps, curve, final, sec=0.1):
+    evals = [{"step": s, "curve_sampler": "S", "fid[digits]": v, "train_seconds": s * sec} for s, v in curve]
+    return {"steps": steps, "evals": evals, "sec_per_step": sec, "train_seconds": steps * sec,
+            "final": {"S": {"n": 10, "nfe": 5, "seconds_per_100_images": 1.0, "fid[digits]": final}}}
+
+
+def test_summary_steps_to_reference_convergence_and_significance():
+    from diffaccel.bench.summary import summarize
+
+    s = SamplerSpec("S")
+    bench = Benchmark(name="t", title="t", models=[ModelSpec("ref", "baseline", samplers=(s,)),
+                                                   ModelSpec("fast", "baseline", samplers=(s,)),
+                                                   ModelSpec("slow", "baseline", samplers=(s,))],
+                      reference_model="ref", eval_every=100, steps=300)
+    results = {}
+    for k, jitter in enumerate((0.0, 0.2, -0.2)):
+        results[("ref", k)] = _result(300, [(100, 50 + jitter), (200, 30 + jitter)], 31.0 + jitter)
+        results[("fast", k)] = _result(300, [(100, 29 + jitter), (200, 25 + jitter)], 20.0 + jitter)
+        results[("slow", k)] = _result(300, [(100, 60 + jitter), (200, 45 + jitter)], 35.0 + jitter)
+    summary = summarize(bench, results, {}, seeds=3)
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert rows["ref"]["still_improving"] is False and rows["fast"]["still_improving"] is True
+    assert rows["fast"]["steps_to_reference_best"] == 100  # mean curve 29 <= ref best 30
+    assert rows["slow"]["steps_to_reference_best"] == "not reached"
+    assert rows["fast"]["vs_reference"] == "fid[digits]: better"
+    assert rows["slow"]["vs_reference"] == "fid[digits]: worse"
+    # a reference that is still improving gives no steps-to-reach figure
+    for k in range(3):
+        results[("ref", k)]["final"]["S"]["fid[digits]"] = 10.0 + k
+    summary = summarize(bench, results, {}, seeds=3)
+    assert {r["model"]: r for r in summary["rows"]}["fast"]["steps_to_reference_best"] == "reference still improving"
