@@ -41,3 +41,23 @@ def test_ddpm_with_exact_epsilon_reproduces_target_covariance():
     # sampling error of a covariance entry is about sqrt((S_ii S_jj + S_ij^2) / n); allow 5 of those
     tol = 5 * ((cov.diag()[:, None] * cov.diag()[None, :] + cov**2) / n).sqrt()
     assert ((emp - cov).abs() < tol + 1e-3).all()
+
+
+def test_band_metrics_see_a_damped_high_band():
+    from diffaccel.oracle.bands import band_metrics, dct_basis
+
+    g = torch.Generator().manual_seed(2)
+    h = w = 4
+    basis, band = dct_basis(h, w)
+    assert torch.allclose(basis @ basis.T, torch.eye(h * w, dtype=torch.float64), atol=1e-10)
+    lam = torch.rand(h * w, generator=g, dtype=torch.float64) + 0.5
+    cov, mean = basis.T @ torch.diag(lam) @ basis, torch.zeros(h * w, dtype=torch.float64)
+    coeffs = torch.randn(20000, h * w, generator=g, dtype=torch.float64) * lam.sqrt()
+    exact = band_metrics(coeffs @ basis, mean, cov, h, w)
+    coeffs[:, band == 2] *= 0.5                    # produced high-band variance = 0.25 of the target's
+    damped = band_metrics(coeffs @ basis, mean, cov, h, w)
+    for name in ("low", "mid", "high"):
+        assert abs(exact[name]["var_ratio"] - 1) < 0.05 and exact[name]["frechet"] < 0.02
+    assert abs(damped["high"]["var_ratio"] - 0.25) < 0.02
+    # W2^2 of two diagonal Gaussians: sum (sqrt(lam) - sqrt(lam/4))^2 = sum lam / 4
+    assert abs(damped["high"]["frechet"] - lam[band == 2].sum() / 4) < 0.05 * lam[band == 2].sum()
