@@ -303,3 +303,13 @@ def test_unknown_sampler_is_a_one_line_cli_error(tmp_path, capsys):
           "--out", str(tmp_path / "g.png")])
     out = capsys.readouterr().out
     assert "NFE 2" in out and (tmp_path / "g.png").is_file()
+
+
+def test_score_sampler_flags_are_refused_on_epsilon_models():
+    from diffaccel.methods.baseline import Baseline
+
+    m = Baseline(N=50)
+    assert m.sampler_options(_args(sampler="ddim", steps=5)) == {"sampler": "ddim", "steps": 5}
+    for bad in (_args(predictor="ancestral"), _args(snr=0.2), _args(step_lr=1e-4), _args(no_pds_safeguard=True)):
+        with pytest.raises(UserError):
+            m.sampler_options(bad)
