@@ -211,16 +211,17 @@ class ScoreVE(Method):
                            help="score-ve: filters saved by `diffaccel pds-filter`")
         group.add_argument("--no-pds-safeguard", action="store_true",
                            help="score-ve: PDS without the step-size safeguard (the reference implementation)")
-        # default None: a flag that the chosen sampler does not use is refused, not dropped
-        group.add_argument("--predictor", default=None,
+        # no default (absent unless given): a flag that the chosen sampler does not use is refused, not dropped
+        unset = argparse.SUPPRESS
+        group.add_argument("--predictor", default=unset,
                            help="score-ve pc: reverse-diffusion (default) | ancestral | none")
-        group.add_argument("--corrector-steps", type=int, default=None,
+        group.add_argument("--corrector-steps", type=int, default=unset,
                            help="score-ve pc: Langevin corrector steps per level (default 1; 0 = predictor only)")
-        group.add_argument("--snr", type=float, default=None,
+        group.add_argument("--snr", type=float, default=unset,
                            help="score-ve pc: Langevin corrector signal-to-noise ratio (default 0.16)")
-        group.add_argument("--step-lr", type=float, default=None,
+        group.add_argument("--step-lr", type=float, default=unset,
                            help="score-ve ald: step size at the smallest noise level (default 2e-5)")
-        group.add_argument("--steps-each", type=int, default=None,
+        group.add_argument("--steps-each", type=int, default=unset,
                            help="score-ve ald: Langevin steps per noise level (default 1)")
 
     def sampler_options(self, args: argparse.Namespace) -> dict:
