@@ -202,7 +202,7 @@ def test_identity_filters_reproduce_vanilla_samplers(sampler):
     b = sampler(_gaussian_score(), (4, 1, 8, 8), sigmas, preconditioner=ones,
                 generator=torch.Generator().manual_seed(0), **kwargs)
     assert a.shape == (4, 1, 8, 8)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(a, b)  # identity filters are skipped: bit for bit (more cases in test_ve_samplers.py)
     c = sampler(_gaussian_score(), (4, 1, 8, 8), sigmas, preconditioner=Preconditioner(radial_filter((1, 8, 8), 1.5, 1.6)),
                 generator=torch.Generator().manual_seed(0), **kwargs)
     assert (a - c).abs().max() > 1e-3  # a real preconditioner changes the trajectory

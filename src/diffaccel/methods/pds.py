@@ -116,6 +116,10 @@ class Preconditioner:
         self.freq = freq
         self.space = space
         self.solenoid = solenoid
+        # filters equal to 1 everywhere are skipped, so that M = I reproduces the vanilla samplers bit for bit
+        self._freq_on = freq is not None and not bool(torch.all(freq == 1))
+        self._space_on = space is not None and not bool(torch.all(space == 1))
+        self._norm: float | None = None
 
     def to(self, device) -> "Preconditioner":
         move = (lambda t: None if t is None else t.to(device))
@@ -123,12 +127,12 @@ class Preconditioner:
 
     # The circulant part F⁻¹·R·F is real and symmetric; computed in the input's precision.
     def _circulant(self, v: torch.Tensor) -> torch.Tensor:
-        if self.freq is None:
+        if not self._freq_on:
             return v
         return torch.fft.ifft2(torch.fft.fft2(v) * self.freq.to(v.dtype)).real
 
     def _space(self, v: torch.Tensor, power: int = 1) -> torch.Tensor:
-        return v if self.space is None else v * self.space.to(v.dtype) ** power
+        return v if not self._space_on else v * self.space.to(v.dtype) ** power
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         """M·v = F⁻¹·R·F·(A ⊙ v): used on noise and on the initial sample."""
@@ -144,6 +148,30 @@ class Preconditioner:
         if self.solenoid is not None:
             out = out + self.solenoid(v)
         return out
+
+    # --- step-size safeguard (docs/pds.md, "Step-size safeguard") -----------------------------------------------
+    def norm_bound(self) -> float:
+        """An upper bound of the operator norm ‖M‖₂ = ‖F⁻¹·R·F·A‖₂ ≤ max R · max A (exact when A is absent)."""
+        if self._norm is None:  # computed once: the samplers ask at every step
+            self._norm = 1.0
+            for filt, on in ((self.freq, self._freq_on), (self.space, self._space_on)):
+                if on:
+                    self._norm *= float(filt.abs().max())
+        return self._norm
+
+    def limited(self, bound: float) -> "Preconditioner":
+        """This preconditioner with ‖M‖₂ ≤ ``bound`` (≥ 1): A clipped to ``bound``, then R to bound / max A.
+
+        Returns ``self`` (the same object) when the bound already holds. Without a space filter the clipping is
+        per frequency, R_k ← min(R_k, bound); frequencies below the bound keep their value. The optional
+        solenoidal term (Python API only) is kept as it is and is not covered by the bound.
+        """
+        if self.norm_bound() <= bound:
+            return self
+        space = self.space.clamp(max=bound) if self._space_on else self.space
+        space_max = float(space.max()) if self._space_on else 1.0
+        freq = self.freq.clamp(max=bound / space_max) if self._freq_on else self.freq
+        return Preconditioner(freq, space, self.solenoid)
 
     # --- persistence ----------------------------------------------------------------------------------------
     def save(self, path: str | Path, **metadata) -> None:
@@ -257,6 +285,10 @@ def add_epsilon_pds_arguments(group) -> None:
     group.add_argument("--pds-filter", default=None, metavar="FILE", help="PDS filters saved by `diffaccel pds-filter`")
 
 
+# flags of the score-ve samplers, refused on epsilon models rather than dropped
+SCORE_SAMPLER_FLAGS = ("predictor", "corrector_steps", "snr", "step_lr", "steps_each", "no_pds_safeguard")
+
+
 class EpsilonPDS:
     """Mixin giving an epsilon method (baseline, KL) the --pds sampling flags and its preconditioner."""
 
@@ -266,6 +298,10 @@ class EpsilonPDS:
         add_clip_x0_argument(group)
 
     def sampler_options(self, args) -> dict:
+        score_only = [k for k in SCORE_SAMPLER_FLAGS if getattr(args, k, None) not in (None, False)]
+        if score_only:
+            raise UserError(", ".join("--" + k.replace("_", "-") for k in score_only)
+                            + " apply to score-ve runs only, not to this epsilon model")
         options = super().sampler_options(args)
         if getattr(args, "pds", False):
             options.update(pds=True, pds_alpha=getattr(args, "pds_alpha", 5.0),

@@ -25,6 +25,7 @@ from diffaccel.errors import UserError
 from diffaccel.methods.base import Method
 
 SIGMA_DATA = 0.5  # scale of [0, 1] data used only for the input scaling
+SAMPLERS = ("pc", "ald")  # predictor-corrector (Song et al. 2021), annealed Langevin dynamics (NCSN)
 
 
 def max_pairwise_distance(images: torch.Tensor, chunk: int = 1024) -> float:
@@ -43,7 +44,7 @@ def sigma_max_from_data(dataset_images: torch.Tensor) -> float:
 
 
 class ScoreVE(Method):
-    """VE score model; ``sample(sampler="pc" | "ald", steps=N, snr=…, pds=…)``."""
+    """VE score model; ``sample(sampler="pc" | "ald", steps=N, predictor=…, snr=…, pds=…)``."""
 
     name = "score-ve"
 
@@ -142,13 +143,17 @@ class ScoreVE(Method):
         return pre.to(device) if device is not None else pre
 
     def sample(self, net: nn.Module, n: int, image_shape, *, generator=None, device=None, sampler: str = "pc",
-               steps: int | None = None, snr: float = 0.16, corrector_steps: int = 1, step_lr: float = 2e-5,
-               steps_each: int = 1, pds: bool = False, pds_alpha: float = 5.0, pds_space: bool = False,
-               pds_filter: str | None = None, preconditioner=None, progress: bool = True, **_) -> torch.Tensor:
-        """``steps`` iterations (default ``num_scales``) of the PC sampler or annealed Langevin, optionally with
-        PDS (``pds=True`` builds the preconditioner from data / ``pds_filter``; ``preconditioner`` passes one)."""
+               steps: int | None = None, predictor: str = "reverse-diffusion", snr: float = 0.16,
+               corrector_steps: int = 1, step_lr: float = 2e-5, steps_each: int = 1, pds: bool = False,
+               pds_alpha: float = 5.0, pds_space: bool = False, pds_filter: str | None = None,
+               pds_safeguard: bool = True, preconditioner=None, progress: bool = True, **_) -> torch.Tensor:
+        """``steps`` iterations (default ``num_scales``) of the PC sampler (``predictor`` reverse-diffusion,
+        ancestral or none, ``corrector_steps`` Langevin steps per level, 0 = predictor only) or of annealed
+        Langevin (``step_lr``, ``steps_each``), optionally with PDS (``pds=True`` builds the preconditioner from
+        data / ``pds_filter``; ``preconditioner`` passes one; ``pds_safeguard`` limits its steps, docs/pds.md)."""
         from diffaccel.samplers_score import ald_sampler, pc_sampler, ve_sigmas
 
+        self._check_sampler(sampler, predictor, corrector_steps, snr, step_lr, steps_each)
         steps = self.num_scales if steps is None else int(steps)
         sigmas = ve_sigmas(self.sigma_min, self._need_sigma_max(), steps)
         device = device if device is not None else next(net.parameters()).device
@@ -162,24 +167,37 @@ class ScoreVE(Method):
         def score_fn(y, sigma):
             return self.score(net, y, sigma)
 
+        common = dict(preconditioner=preconditioner, safeguard=pds_safeguard, generator=generator, device=device,
+                      progress=progress)
         if sampler == "pc":
-            y = pc_sampler(score_fn, shape, sigmas, snr=snr, corrector_steps=corrector_steps,
-                           preconditioner=preconditioner, generator=generator, device=device, progress=progress)
-        elif sampler == "ald":
-            y = ald_sampler(score_fn, shape, sigmas, steps_each=steps_each, step_lr=step_lr,
-                            preconditioner=preconditioner, generator=generator, device=device, progress=progress)
+            y = pc_sampler(score_fn, shape, sigmas, snr=snr, corrector_steps=corrector_steps, predictor=predictor,
+                           **common)
         else:
-            raise UserError(f"unknown sampler {sampler!r} for score-ve; choose pc or ald")
+            y = ald_sampler(score_fn, shape, sigmas, steps_each=steps_each, step_lr=step_lr, **common)
         return (2 * y - 1).clamp(-1, 1)
 
-    def nfe(self, sampler: str = "pc", steps: int | None = None, corrector_steps: int = 1, steps_each: int = 1,
-            **_) -> int:
+    @staticmethod
+    def _check_sampler(sampler, predictor="reverse-diffusion", corrector_steps=1, snr=0.16, step_lr=2e-5,
+                       steps_each=1) -> None:
+        from diffaccel.samplers_score import check_pc_options
+
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r} for score-ve; choose {' or '.join(SAMPLERS)}")
+        if sampler == "pc":
+            check_pc_options(predictor, corrector_steps, snr)
+        elif int(steps_each) != steps_each or steps_each < 1 or not step_lr > 0:
+            raise UserError(f"annealed Langevin needs --steps-each >= 1 and --step-lr > 0, got {steps_each} and "
+                            f"{step_lr}")
+
+    def nfe(self, sampler: str = "pc", steps: int | None = None, predictor: str = "reverse-diffusion",
+            corrector_steps: int = 1, steps_each: int = 1, **_) -> int:
+        from diffaccel.samplers_score import pc_nfe
+
+        self._check_sampler(sampler, predictor, corrector_steps, steps_each=steps_each)
         steps = self.num_scales if steps is None else int(steps)
         if sampler == "pc":
-            return steps * (corrector_steps + 1)
-        if sampler == "ald":
-            return steps * steps_each + 1
-        raise UserError(f"unknown sampler {sampler!r} for score-ve; choose pc or ald")
+            return pc_nfe(steps, predictor, corrector_steps)
+        return steps * steps_each + 1
 
     @staticmethod
     def add_sample_arguments(group: argparse._ArgumentGroup) -> None:
@@ -191,11 +209,38 @@ class ScoreVE(Method):
         group.add_argument("--pds-space", action="store_true", help="score-ve: also apply the space filter A")
         group.add_argument("--pds-filter", default=None, metavar="FILE",
                            help="score-ve: filters saved by `diffaccel pds-filter`")
-        group.add_argument("--snr", type=float, default=0.16, help="score-ve: Langevin corrector signal-to-noise ratio")
+        group.add_argument("--no-pds-safeguard", action="store_true",
+                           help="score-ve: PDS without the step-size safeguard (the reference implementation)")
+        # no default (absent unless given): a flag that the chosen sampler does not use is refused, not dropped
+        unset = argparse.SUPPRESS
+        group.add_argument("--predictor", default=unset,
+                           help="score-ve pc: reverse-diffusion (default) | ancestral | none")
+        group.add_argument("--corrector-steps", type=int, default=unset,
+                           help="score-ve pc: Langevin corrector steps per level (default 1; 0 = predictor only)")
+        group.add_argument("--snr", type=float, default=unset,
+                           help="score-ve pc: Langevin corrector signal-to-noise ratio (default 0.16)")
+        group.add_argument("--step-lr", type=float, default=unset,
+                           help="score-ve ald: step size at the smallest noise level (default 2e-5)")
+        group.add_argument("--steps-each", type=int, default=unset,
+                           help="score-ve ald: Langevin steps per noise level (default 1)")
 
     def sampler_options(self, args: argparse.Namespace) -> dict:
-        sampler = getattr(args, "sampler", None)
-        return {"sampler": sampler if sampler in ("pc", "ald") else "pc", "steps": getattr(args, "steps", None),
-                "snr": getattr(args, "snr", 0.16), "pds": bool(getattr(args, "pds", False)),
-                "pds_alpha": getattr(args, "pds_alpha", 5.0), "pds_space": bool(getattr(args, "pds_space", False)),
-                "pds_filter": getattr(args, "pds_filter", None)}
+        sampler = getattr(args, "sampler", None) or "pc"
+        self._check_sampler(sampler)
+        own = {"pc": ("predictor", "corrector_steps", "snr"), "ald": ("step_lr", "steps_each")}
+        other = [k for k in own["ald" if sampler == "pc" else "pc"] if getattr(args, k, None) is not None]
+        other += [k for k in ("eta", "clip_x0") if getattr(args, k, None) not in (None, False)]
+        if other:
+            flags = ", ".join("--" + k.replace("_", "-") for k in other)
+            raise UserError(f"{flags} not used by score-ve's {sampler} sampler")
+        pds = bool(getattr(args, "pds", False))
+        if not pds and (getattr(args, "no_pds_safeguard", False) or getattr(args, "pds_space", False)
+                        or getattr(args, "pds_filter", None)):
+            raise UserError("--pds-space, --pds-filter and --no-pds-safeguard need --pds")
+        options = {"sampler": sampler, "steps": getattr(args, "steps", None), "pds": pds,
+                   "pds_alpha": getattr(args, "pds_alpha", 5.0), "pds_space": bool(getattr(args, "pds_space", False)),
+                   "pds_filter": getattr(args, "pds_filter", None),
+                   "pds_safeguard": not getattr(args, "no_pds_safeguard", False)}
+        options.update({k: getattr(args, k) for k in own[sampler] if getattr(args, k, None) is not None})
+        self._check_sampler(**{k: options[k] for k in ("sampler", *own[sampler]) if k in options})
+        return {k: v for k, v in options.items() if v is not None}  # unset keep the defaults of ``sample``

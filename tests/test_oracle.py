@@ -1,0 +1,63 @@
+import torch
+
+from diffaccel.oracle.gaussian_vp import GaussianVPEpsilon
+from diffaccel.schedules import linear_schedule
+
+
+def test_exact_epsilon_matches_monte_carlo_regression():
+    # eps and x_k are jointly Gaussian, so the least-squares regression of eps on (x_k, 1) over many draws
+    # is the posterior mean: it must match the closed form to Monte-Carlo error.
+    g = torch.Generator().manual_seed(0)
+    d, n = 3, 200_000
+    a_mat = torch.randn(d, d, generator=g, dtype=torch.float64)
+    cov, mean = a_mat @ a_mat.T * 0.3, torch.tensor([0.5, -0.2, 0.1], dtype=torch.float64)
+    alpha_bars = linear_schedule(100).double()
+    net = GaussianVPEpsilon(mean, cov, alpha_bars, (d,))
+    k = 40
+    x0 = mean + torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    eps = torch.randn(n, d, generator=g, dtype=torch.float64)
+    ab = alpha_bars[k]
+    xk = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    design = torch.cat([xk, torch.ones(n, 1, dtype=torch.float64)], 1)
+    coef = torch.linalg.lstsq(design, eps).solution
+    probe = torch.randn(16, d, generator=g, dtype=torch.float64)
+    mc = torch.cat([probe, torch.ones(16, 1, dtype=torch.float64)], 1) @ coef
+    exact = net(probe, torch.full((16,), float(k)))
+    assert (mc - exact).abs().max() < 0.02
+
+
+def test_ddpm_with_exact_epsilon_reproduces_target_covariance():
+    from diffaccel.samplers import ddpm
+
+    g = torch.Generator().manual_seed(1)
+    d, n = 4, 8000
+    a_mat = torch.randn(d, d, generator=g, dtype=torch.float64)
+    cov = a_mat @ a_mat.T * 0.1 + 0.01 * torch.eye(d, dtype=torch.float64)
+    mean = torch.zeros(d, dtype=torch.float64)
+    alpha_bars = linear_schedule(1000).double()
+    net = GaussianVPEpsilon(mean, cov, alpha_bars, (d,))
+    x = ddpm(net, torch.randn(n, d, generator=g, dtype=torch.float64), alpha_bars, generator=g, progress=False)
+    emp = torch.cov(x.T)
+    # sampling error of a covariance entry is about sqrt((S_ii S_jj + S_ij^2) / n); allow 5 of those
+    tol = 5 * ((cov.diag()[:, None] * cov.diag()[None, :] + cov**2) / n).sqrt()
+    assert ((emp - cov).abs() < tol + 1e-3).all()
+
+
+def test_band_metrics_see_a_damped_high_band():
+    from diffaccel.oracle.bands import band_metrics, dct_basis
+
+    g = torch.Generator().manual_seed(2)
+    h = w = 4
+    basis, band = dct_basis(h, w)
+    assert torch.allclose(basis @ basis.T, torch.eye(h * w, dtype=torch.float64), atol=1e-10)
+    lam = torch.rand(h * w, generator=g, dtype=torch.float64) + 0.5
+    cov, mean = basis.T @ torch.diag(lam) @ basis, torch.zeros(h * w, dtype=torch.float64)
+    coeffs = torch.randn(20000, h * w, generator=g, dtype=torch.float64) * lam.sqrt()
+    exact = band_metrics(coeffs @ basis, mean, cov, h, w)
+    coeffs[:, band == 2] *= 0.5                    # produced high-band variance = 0.25 of the target's
+    damped = band_metrics(coeffs @ basis, mean, cov, h, w)
+    for name in ("low", "mid", "high"):
+        assert abs(exact[name]["var_ratio"] - 1) < 0.05 and exact[name]["frechet"] < 0.02
+    assert abs(damped["high"]["var_ratio"] - 0.25) < 0.02
+    # W2^2 of two diagonal Gaussians: sum (sqrt(lam) - sqrt(lam/4))^2 = sum lam / 4
+    assert abs(damped["high"]["frechet"] - lam[band == 2].sum() / 4) < 0.05 * lam[band == 2].sum()
