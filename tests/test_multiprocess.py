@@ -96,6 +96,7 @@ acc = trainer.accelerator
 save_file(flatten({n: acc.unwrap_model(m) for n, m in trainer.nets.items()}), out / f"rank{acc.process_index}.safetensors")
 (out / f"rank{acc.process_index}.json").write_text(json.dumps(
     {"rank": acc.process_index, "world": acc.num_processes, "backend": str(acc.distributed_type), "saves": saves}))
+train_module.release_process_group()
 '''
 
 

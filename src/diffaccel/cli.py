@@ -233,7 +233,7 @@ def _config_value(action, key: str, value, source):
 def cmd_train(args: argparse.Namespace) -> None:
     from diffaccel.methods import build_method, method_class
     from diffaccel.runs import read_config
-    from diffaccel.train import TrainConfig, train
+    from diffaccel.train import TrainConfig, release_process_group, train
 
     explicit = {a.split("=")[0] for a in args.argv if a.startswith("--")}
     if args.resume:
@@ -271,6 +271,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         callback = training_evaluator(reference, getattr(args, "eval_n", 1000), getattr(args, "extractor", "effnet"),
                                       cfg.sample_options)
     run_dir = train(cfg, method, resume=args.resume, callback=callback)
+    release_process_group()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, rank 0 speaks
         return
     print(f"run directory: {run_dir}\n  samples: {run_dir / 'samples.png'}\n  loss plot: {run_dir / 'loss.png'}\n"

@@ -415,6 +415,17 @@ class Trainer:
         return self.run_dir
 
 
+def release_process_group() -> None:
+    """Destroy the data-parallel process group, if one is up, once a launched rank has finished its work.
+
+    Left for interpreter shutdown, gloo's worker threads can outlive the group and abort the rank
+    ("terminate called without an active exception") after a run that otherwise succeeded.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def train(cfg: TrainConfig, method: Method, resume: bool = False, callback: Callable | None = None,
           dataset: ImageDataset | None = None, progress: bool = True, log: Callable = print) -> Path:
     """Train ``method`` as ``cfg`` says; returns the run directory."""
