@@ -430,15 +430,22 @@ def test_tiny_run_trains_checkpoints_resumes_and_samples_from_low_resolution_noi
         assert sizes[0] == 4 and sizes[-1] == 8 and len(sizes) == loaded.nfe(**opts)
 
 
-@pytest.mark.slow  # five tiny training runs and five FID evaluations: tens of seconds on a loaded 2-core machine
-def test_benchmark_quick_smoke(tmp_path):
+@pytest.mark.slow  # seven tiny training runs and their evaluations: tens of seconds on a loaded 2-core machine
+@pytest.mark.parametrize("name", ["dvdp", "dvdp-64"])
+def test_benchmark_quick_runs_on_the_harness_with_speed_ratios(tmp_path, name):
     from diffaccel.bench import benchmark_function
 
-    results = benchmark_function("dvdp")(tmp_path / "out", quick=True, work_dir=tmp_path / "work")
-    assert [m["model"] for m in results["models"]] == ["DDPM", "DVDP T1=600", "subspace T1=600", "DDPM",
-                                                       "DVDP T={300,600}"]
-    for m in results["models"]:
-        assert m["train_s_per_iter"] > 0 and m["sample_s_per_image"] > 0 and math.isfinite(m["fid[effnet]"])
-    assert results["models"][4]["full_res_equivalent_nfe"] < results["models"][3]["full_res_equivalent_nfe"]
-    for name in ("results.json", "results.md", "results.png", "samples.png", "schedule.png"):
-        assert (tmp_path / "out" / name).is_file()
+    summary = benchmark_function(name)(tmp_path / "out", quick=True, seeds=1)
+    labels = [r["model"] for r in summary["rows"]]
+    expected = ["DDPM", "DVDP T1=25", "subspace T1=25"] if name == "dvdp" else ["DDPM", "DVDP T={15,30}"]
+    assert list(dict.fromkeys(labels)) == expected
+    assert {r["sampler"] for r in summary["rows"]} == {"DDIM-3", "DDPM"}
+    speed = {e["model"]: e for e in summary["extra"]["speed"]}
+    assert speed["DDPM"]["train speed-up vs DDPM"] == 1.0 and speed["DDPM"]["sampling speed-up vs DDPM"] == 1.0
+    for e in speed.values():
+        assert e["train s/step"] > 0 and e["sample s/image"] > 0
+    dvdp = speed[expected[1]]
+    assert dvdp["full-res NFE"] < speed["DDPM"]["full-res NFE"]  # lower-resolution stages cost less per call
+    for f in ("results.json", "results.md", "results.png", "schedule.png"):
+        assert (tmp_path / "out" / f).is_file()
+    assert "Speed" in (tmp_path / "out" / "results.md").read_text()

@@ -13,6 +13,7 @@ from diffaccel.errors import UserError
 BENCHMARKS: dict[str, str] = {
     "kl": "diffaccel.bench.kl:run",
     "dvdp": "diffaccel.bench.dvdp:run",
+    "dvdp-64": "diffaccel.bench.dvdp:run_64",
     "baseline-speed": "diffaccel.bench.baseline_speed:run",
     "pds": "diffaccel.bench.pds:run",
     "pds-filters": "diffaccel.bench.pds:run_filter_sweep",
