@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None,
                    help="train and sample every model this many times (seeds 0..K-1) and report 95%% intervals")
     p.add_argument("--dry-run", action="store_true", help="print the planned rows and an estimated time, run nothing")
+    p.add_argument("--update-readme", type=Path, nargs="?", const=Path("README.md"), default=None, metavar="README",
+                   help="rewrite README's generated results table from OUT/*/results.json, run nothing")
 
     p = sub.add_parser("train-extractor", help="train the digits classifier that `--extractor digits` uses",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -324,6 +326,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from diffaccel.bench import BENCHMARKS, benchmark_function
 
+    if args.update_readme is not None:
+        from diffaccel.bench.overview import update_readme
+
+        if args.name:
+            raise UserError("--update-readme runs no benchmark: drop the benchmark name")
+        changed = update_readme(args.update_readme, args.out)
+        print(f"{args.update_readme}: results table {'updated' if changed else 'already up to date'}")
+        return
     if not args.name:
         print("benchmarks: " + ", ".join(sorted(BENCHMARKS)))
         return
