@@ -280,7 +280,9 @@ def test_no_turning_points_is_ddpm():
     torch.set_default_dtype(torch.float64)
     try:
         for opts in (dict(sampler="ddpm"), dict(sampler="ddim", steps=17, eta=0.5)):
-            a = m.sample(net, 2, (1, 4, 4), generator=torch.Generator().manual_seed(8), progress=False, **opts)
+            # the baseline's DDIM grid is uniform in t: compare on that allocation (DVDP's default is log-snr)
+            a = m.sample(net, 2, (1, 4, 4), generator=torch.Generator().manual_seed(8), progress=False,
+                         step_allocation="uniform", **opts)
             b = base.sample(net, 2, (1, 4, 4), generator=torch.Generator().manual_seed(8), progress=False, **opts)
             torch.testing.assert_close(a, b)
     finally:
@@ -449,3 +451,39 @@ def test_benchmark_quick_runs_on_the_harness_with_speed_ratios(tmp_path, name):
     for f in ("results.json", "results.md", "results.png", "schedule.png"):
         assert (tmp_path / "out" / f).is_file()
     assert "Speed" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_log_snr_allocation_gives_every_stage_a_step_and_sums_to_nfe():
+    from diffaccel.methods.dvdp import DVDP, SubspaceDiffusion
+
+    for m in (DVDP(turning_points=(300, 600)), DVDP(turning_points=(600,)), SubspaceDiffusion(turning_points=(300, 600))):
+        for steps in (m.K + 1, 5, 10, 20, 50, 200, 1000):
+            counts = m.stage_counts(steps, "log-snr")
+            assert sum(counts) == steps and min(counts) >= 1
+            grid = m.time_grid("ddim", steps, "log-snr")
+            assert [len(g) - 1 for g in grid] == counts[::-1]
+            for k, times in zip(range(m.K, -1, -1), grid):
+                assert times[0] == m._bounds[k + 1] and times[-1] == m._bounds[k]
+                assert all(b < a for a, b in zip(times, times[1:]))
+    # DVDP's fine subspace spans a wider log-SNR range in stage 0 than t's share: it gets more steps there
+    m = DVDP(turning_points=(300, 600))
+    assert m.stage_counts(20, "log-snr")[0] > m.stage_counts(20, "uniform")[0]
+    # inside a stage the log-SNR of its finest subspace is evenly spaced up to rounding to integer times (coarse
+    # only at the last few times, t <= 3, where one time step moves the log-SNR by more than a gap)
+    times = torch.tensor(m.time_grid("ddim", 50, "log-snr")[-1][:-1])
+    gaps = m.log_snr(0, times).diff().abs()[:-3]
+    assert (gaps / gaps.mean() - 1).abs().max() < 0.15
+
+
+def test_stage_steps_are_honoured_and_validated():
+    from diffaccel.methods.dvdp import DVDP
+
+    m = DVDP(turning_points=(300, 600))
+    grid = m.time_grid("ddim", 0, stage_steps=(7, 2, 3))
+    assert [len(g) - 1 for g in grid] == [3, 2, 7]
+    assert m.nfe(stage_steps=(7, 2, 3)) == 12
+    for bad in ((7, 2), (0, 2, 3), (301, 1, 1)):
+        with pytest.raises(UserError):
+            m.time_grid("ddim", 0, stage_steps=bad)
+    with pytest.raises(UserError):
+        m.stage_counts(10, "cosine")

@@ -61,3 +61,73 @@ def test_band_metrics_see_a_damped_high_band():
     assert abs(damped["high"]["var_ratio"] - 0.25) < 0.02
     # W2^2 of two diagonal Gaussians: sum (sqrt(lam) - sqrt(lam/4))^2 = sum lam / 4
     assert abs(damped["high"]["frechet"] - lam[band == 2].sum() / 4) < 0.05 * lam[band == 2].sum()
+
+
+def _tiny_gaussian(d, g, scale=0.3):
+    a_mat = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return torch.randn(d, generator=g, dtype=torch.float64) * 0.3, a_mat @ a_mat.T * scale / d + 0.01 * torch.eye(
+        d, dtype=torch.float64)
+
+
+def test_dvdp_exact_epsilon_matches_monte_carlo_regression():
+    # in every stage eps and x_t^k are jointly Gaussian: the least-squares regression of the forward process's
+    # own noise on (x_t^k, 1) is the posterior mean, for DVDP's schedules and subspace diffusion's shared one
+    from diffaccel.methods.dvdp import DVDP, SubspaceDiffusion
+    from diffaccel.oracle.dvdp_exact import DVDPExactEpsilon
+
+    g = torch.Generator().manual_seed(3)
+    shape, n = (1, 4, 4), 100_000
+    mean, cov = _tiny_gaussian(16, g)
+    x0 = (mean + torch.randn(n, 16, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T).view(n, *shape)
+    for method in (DVDP(turning_points=(300, 600)), SubspaceDiffusion(turning_points=(500,))):
+        net = DVDPExactEpsilon(method, mean, cov, shape)
+        for t in (150, 450, 900):
+            h = 4 // 2 ** int(method.stage(torch.tensor([t])))
+            noise = torch.randn(n, 1, h, h, generator=g, dtype=torch.float64)
+            xt = method.q_sample(x0, torch.full((n,), t), noise=noise)
+            design = torch.cat([xt.flatten(1), torch.ones(n, 1, dtype=torch.float64)], 1)
+            coef = torch.linalg.lstsq(design, noise.flatten(1)).solution
+            mc = design[:8] @ coef
+            exact = net(xt[:8], torch.full((8,), float(t))).flatten(1)
+            assert (mc - exact).abs().max() < 0.03, (method.name, t, (mc - exact).abs().max())
+
+
+def test_dvdp_sampler_with_exact_epsilon_reproduces_turning_point_covariance():
+    # DVDP's own DDPM sampler, unchanged, driven by the exact eps: the state it holds when it enters each stage
+    # (after the jump at T_k, at stage k-1's resolution) must have the forward marginal's covariance there,
+    # computed independently as J cov Jᵀ + N Nᵀ from q_sample applied to unit images (x_t is linear in x0, noise).
+    from diffaccel.methods.dvdp import DVDP
+    from diffaccel.oracle.dvdp_exact import DVDPExactEpsilon
+
+    g = torch.Generator().manual_seed(4)
+    shape, n = (1, 4, 4), 6000
+    mean, cov = _tiny_gaussian(16, g)
+    method = DVDP(turning_points=(300, 600))
+    exact = DVDPExactEpsilon(method, mean, cov, shape)
+    seen = {}
+
+    def net(x, t):
+        step = int(t[0])
+        if step in method.turning_points:
+            seen.setdefault(step, x.clone())
+        return exact(x, t)
+
+    x = method.sample(net, n, shape, generator=g, sampler="ddpm", progress=False).double()
+    seen[0] = x.view(n, *shape)
+    assert sorted(seen) == [0, 300, 600]
+    eye = torch.eye(16, dtype=torch.float64).view(16, *shape)
+    for step, xs in seen.items():
+        t = torch.full((16,), step) if step else torch.zeros(16, dtype=torch.long)
+        if step == 0:
+            emp, target = torch.cov(xs.flatten(1).T), cov
+        else:
+            d = xs[0].numel()
+            zero_noise = torch.zeros(16, *xs.shape[1:], dtype=torch.float64)
+            jac = method.q_sample(eye, t, noise=zero_noise).flatten(1).T                    # [d, 16]
+            unit = torch.eye(d, dtype=torch.float64).view(d, *xs.shape[1:])
+            noise_map = method.q_sample(torch.zeros(d, *shape, dtype=torch.float64), torch.full((d,), step),
+                                        noise=unit).flatten(1).T                              # [d, d]
+            target = jac @ cov @ jac.T + noise_map @ noise_map.T
+            emp = torch.cov(xs.flatten(1).T.double())
+        tol = 5 * ((target.diag()[:, None] * target.diag()[None, :] + target**2) / n).sqrt()
+        assert ((emp - target).abs() < tol + 1e-3).all(), (step, (emp - target).abs().max())
