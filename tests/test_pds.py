@@ -343,7 +343,13 @@ def test_pds_benchmark_quick(tmp_path):
     # N levels from sigma_max to sigma_min: the ratio to the power N - 1 spans the whole range
     assert ratios["PC-8"] ** 7 == pytest.approx(ratios["PC-2"])
     assert sigma_ratio(0.01, 10.0, 4) == pytest.approx(10.0)
+    exact = extra["exact_score"]
+    assert set(exact) == labels
+    assert all(b["var_ratio"] > 0 and b["frechet"] >= 0 for row in exact.values() for b in row.values())
+    cost = extra["pds_cost"]
+    assert cost["network_seconds"] > 0 and cost["pds_seconds"] > 0
     assert (tmp_path / "results.json").is_file()
+    assert (tmp_path / "work" / "exact" / "pc-8.json").is_file()
 
 
 def test_pds_filter_sweep_quick(tmp_path):

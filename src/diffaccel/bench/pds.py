@@ -151,6 +151,7 @@ ITERATIONS = (1000, 200, 100, 50)
 SNR_GRID = (0.08, 0.12, 0.16, 0.24, 0.32)
 ALPHA_GRID = (2.0, 3.0, 5.0, 10.0)
 VE_REFERENCE = "ScoreVE-1000"
+EXACT_N, EXACT_N_QUICK = 2000, 16           # exact-score samples per row (full / quick)
 HARNESS_NET = {"preset": "small", "overrides": {"block_out_channels": [16, 32, 32]}}
 HARNESS_QUICK_NET = {"preset": "tiny", "overrides": {"block_out_channels": [8, 16], "norm_num_groups": 4}}
 
@@ -215,7 +216,89 @@ def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
     if sigma_min and sigma_max:
         out["sigma_ratio"] = {s.label: sigma_ratio(sigma_min, sigma_max, s.options["steps"])
                               for s in bench.model(VE_REFERENCE).samplers}
+        out["exact_score"] = exact_score_rows(bench, sigma_min, sigma_max, out_dir / "work" / "exact")
+    if found:
+        out["pds_cost"] = pds_overhead(bench, found.parent)
     return out
+
+
+def _pds_images(bench: Benchmark, n: int = 200) -> torch.Tensor:
+    from diffaccel.data import load_dataset
+    from diffaccel.methods.pds import representative_images
+
+    return representative_images(load_dataset(bench.data, bench.resolution, limit=bench.data_limit), n)
+
+
+def exact_score_rows(bench: Benchmark, sigma_min: float, sigma_max: float, folder: Path) -> dict:
+    """Every VE sampler row run with the exact score of the Gaussian fitted to the training images (in [0, 1]):
+    per DCT band, Frechet distance and produced / target variance. Stored per row (resumable)."""
+    from diffaccel.bench.runner import _read_json, _write_json
+    from diffaccel.bench.specs import slug
+    from diffaccel.methods.pds import build_preconditioner
+    from diffaccel.oracle.bands import band_metrics
+    from diffaccel.oracle.gaussian_ve import GaussianVEScore
+    from diffaccel.samplers_score import pc_sampler, ve_sigmas
+
+    images = _pds_images(bench, n=100_000)                      # all training images, [-1, 1]
+    oracle = GaussianVEScore.fit((images + 1) / 2)
+    h, w = images.shape[-2:]
+    n = EXACT_N_QUICK if bench.n_samples < 100 else EXACT_N
+    pds_images = images[:200]
+    out = {}
+    for spec in bench.model(VE_REFERENCE).samplers:
+        o = spec.options
+        key = {"sampler": o, "n": n, "sigma": [sigma_min, sigma_max], "data": [bench.data, bench.resolution,
+                                                                               bench.data_limit]}
+        path = folder / f"{slug(spec.label)}.json"
+        stored = _read_json(path)
+        if stored and stored.get("key") == key:
+            out[spec.label] = stored["bands"]
+            continue
+        pre = build_preconditioner(pds_images, alpha=o.get("pds_alpha", 5.0)) if o.get("pds") else None
+        y = pc_sampler(oracle, (n, *images.shape[1:]), ve_sigmas(sigma_min, sigma_max, o["steps"]),
+                       snr=o.get("snr", 0.16), corrector_steps=o.get("corrector_steps", 1),
+                       predictor=o.get("predictor", "reverse-diffusion"), preconditioner=pre,
+                       generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        bands = band_metrics(y.flatten(1), oracle.mean, oracle.basis @ torch.diag(oracle.lam) @ oracle.basis.T, h, w)
+        _write_json(path, {"key": key, "bands": bands})
+        out[spec.label] = bands
+    return out
+
+
+def pds_overhead(bench: Benchmark, run_dir: Path, repeats: int = 5) -> dict:
+    """Seconds per iteration of the network (one score call) and of the PDS work of one predictor step
+    (M.M^T on the drift, M on the noise) on a batch of ``sample_batch``; median of ``repeats``."""
+    import statistics
+
+    from diffaccel.bench.runner import _device
+    from diffaccel.methods.pds import build_preconditioner
+    from diffaccel.runs import load_run, read_config
+
+    device = _device()
+    method, nets = load_run(run_dir, device)
+    net = nets[method.sampling_network]
+    shape = (bench.sample_batch, *read_config(run_dir)["image_shape"])
+    pre = build_preconditioner(_pds_images(bench), alpha=5.0).to(device)
+    y = torch.rand(shape, device=device)
+    sigma = torch.full((shape[0],), 1.0, device=device)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])                     # the first call warms up
+
+    net_s = timed(lambda: method.score(net, y, sigma))
+    pds_s = timed(lambda: (pre.apply_gram(y), pre.apply(y)))
+    return {"batch": shape[0], "device": device, "network_seconds": net_s, "pds_seconds": pds_s,
+            "pds_overhead_fraction": pds_s / net_s}
 
 
 def harness_benchmark(quick: bool = False) -> Benchmark:
