@@ -328,13 +328,28 @@ def test_pds_filter_cli(tmp_path, capsys):
 
 
 def test_pds_benchmark_quick(tmp_path):
-    from diffaccel.bench.pds import run
+    from diffaccel.bench.pds import VE_REFERENCE, harness_benchmark, run, sigma_ratio
 
-    results = run(tmp_path, quick=True)
-    assert {(c["iterations"], c["pds"]) for c in results["configs"]} == {(8, False), (8, True), (2, False), (2, True)}
-    assert all(c["fid[effnet]"] >= 0 and c["seconds_per_image"] > 0 for c in results["configs"])
-    assert results["overhead"]["pds_overhead_fraction"] > 0
-    assert (tmp_path / "results.json").is_file() and (tmp_path / "samples_N2_pds.png").is_file()
+    summary = run(tmp_path, quick=True)
+    bench = harness_benchmark(quick=True)
+    ve = bench.model(VE_REFERENCE)
+    labels = {s.label for s in ve.samplers}
+    assert {"PC-8", "PC-8 PDS a=5", "Ancestral-2", "Ancestral-2 PDS a=5"} <= labels
+    extra = summary["extra"]
+    assert extra["best_snr"]["sampler"].startswith("sweep PC-2 snr=")
+    assert extra["best_alpha"]["sampler"].startswith("sweep PC-2 PDS a=")
+    ratios = extra["sigma_ratio"]
+    assert set(ratios) == labels
+    # N levels from sigma_max to sigma_min: the ratio to the power N - 1 spans the whole range
+    assert ratios["PC-8"] ** 7 == pytest.approx(ratios["PC-2"])
+    assert sigma_ratio(0.01, 10.0, 4) == pytest.approx(10.0)
+    exact = extra["exact_score"]
+    assert set(exact) == labels
+    assert all(b["var_ratio"] > 0 and b["frechet"] >= 0 for row in exact.values() for b in row.values())
+    cost = extra["pds_cost"]
+    assert cost["network_seconds"] > 0 and cost["pds_seconds"] > 0
+    assert (tmp_path / "results.json").is_file()
+    assert (tmp_path / "work" / "exact" / "pc-8.json").is_file()
 
 
 def test_pds_filter_sweep_quick(tmp_path):

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from diffaccel.bench.runner import run_benchmark
+from diffaccel.bench.specs import Benchmark, ModelSpec, SamplerSpec
+
 
 @dataclass
 class Settings:
@@ -139,85 +142,186 @@ def _time(fn, repeats: int) -> float:
     return sorted(best)[len(best) // 2]  # median
 
 
-def run(out_dir: Path, quick: bool = False, **overrides) -> dict:
-    """Run the benchmark; ``overrides`` replace fields of :class:`Settings` (e.g. ``n_samples=512``)."""
-    from diffaccel.bench.harness import write_results
-    from diffaccel.data import save_grid
-    from diffaccel.evaluate import score_images
+# --- the shared-harness benchmark (`diffaccel bench pds`) ------------------------------------------------------
+# One score-VE model (num_scales = 1000, MNIST-32) sampled by PC at N iterations; with num_scales = 1000 the
+# sampler's N levels are a geometric grid from sigma_max to sigma_min, so the per-step ratio is
+# (sigma_max / sigma_min)^(1 / (N - 1)). Sweep rows (snr for vanilla, alpha for PDS) run on a small sample at
+# the sweep's N; `_extra` reports the best of each sweep and the sigma ratio of every row.
+ITERATIONS = (1000, 200, 100, 50)
+SNR_GRID = (0.08, 0.12, 0.16, 0.24, 0.32)
+ALPHA_GRID = (2.0, 3.0, 5.0, 10.0)
+VE_REFERENCE = "ScoreVE-1000"
+EXACT_N, EXACT_N_QUICK = 2000, 16           # exact-score samples per row (full / quick)
+HARNESS_NET = {"preset": "small", "overrides": {"block_out_channels": [16, 32, 32]}}
+HARNESS_QUICK_NET = {"preset": "tiny", "overrides": {"block_out_channels": [8, 16], "norm_num_groups": 4}}
+
+
+def _pc(label: str, steps: int, n: int | None, **options) -> SamplerSpec:
+    return SamplerSpec(label, {"sampler": "pc", "steps": steps, **options}, n=n, final_only=True)
+
+
+def ve_samplers(iterations=ITERATIONS, sweep_at: int = 100, sweep_n: int | None = 200,
+                n_full: int | None = 500, n_few: int | None = None) -> tuple[SamplerSpec, ...]:
+    rows = []
+    for N in iterations:
+        n = n_full if N == max(iterations) else n_few
+        rows += [_pc(f"PC-{N}", N, n, snr=0.16),
+                 _pc(f"PC-{N} PDS a=5", N, n, snr=0.16, pds=True, pds_alpha=5.0),
+                 _pc(f"Ancestral-{N}", N, n, predictor="ancestral", corrector_steps=0),
+                 _pc(f"Ancestral-{N} PDS a=5", N, n, predictor="ancestral", corrector_steps=0, pds=True,
+                     pds_alpha=5.0)]
+    rows += [_pc(f"sweep PC-{sweep_at} snr={snr}", sweep_at, sweep_n, snr=snr) for snr in SNR_GRID]
+    rows += [_pc(f"sweep PC-{sweep_at} PDS a={a:g}", sweep_at, sweep_n, snr=0.16, pds=True, pds_alpha=a)
+             for a in ALPHA_GRID]
+    return tuple(rows)
+
+
+def ddim_samplers(steps=(10, 20)) -> tuple[SamplerSpec, ...]:
+    rows = []
+    for S in steps:
+        base = {"sampler": "ddim", "steps": S, "eta": 0.0}  # no clip_x0: --pds refuses it
+        rows += [SamplerSpec(f"DDIM-{S}", base, final_only=True),
+                 SamplerSpec(f"DDIM-{S} PDS", {**base, "pds": True}, final_only=True)]
+    return tuple(rows)
+
+
+def sigma_ratio(sigma_min: float, sigma_max: float, steps: int) -> float:
+    """Per-step ratio sigma_i / sigma_{i+1} of an N-level geometric grid."""
+    return (sigma_max / sigma_min) ** (1.0 / max(steps - 1, 1))
+
+
+def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
+    """Best snr / alpha of the sweeps (mean primary metric over seeds) and each PC row's sigma ratio."""
+    from diffaccel.bench.specs import slug
+    from diffaccel.runs import read_config
+
+    metric = bench.primary
+    means: dict[str, list[float]] = {}
+    for (label, _seed), r in results.items():
+        if label != VE_REFERENCE:
+            continue
+        for sampler, ev in r["final"].items():
+            if metric in ev:
+                means.setdefault(sampler, []).append(float(ev[metric]))
+    mean = {k: sum(v) / len(v) for k, v in means.items()}
+    out: dict = {"metric": metric}
+    for prefix, key in (("snr=", "best_snr"), ("PDS a=", "best_alpha")):
+        swept = {k: v for k, v in mean.items() if k.startswith("sweep") and prefix in k}
+        if swept:
+            best = min(swept, key=swept.get)
+            out[key] = {"sampler": best, metric: swept[best], "value": float(best.split(prefix)[1])}
+    found = next((out_dir / "work").glob(f"{slug(VE_REFERENCE)}*/**/config.yaml"), None)
+    method = read_config(found.parent).get("method_config", {}) if found else {}
+    sigma_min, sigma_max = method.get("sigma_min"), method.get("sigma_max")
+    if sigma_min and sigma_max:
+        out["sigma_ratio"] = {s.label: sigma_ratio(sigma_min, sigma_max, s.options["steps"])
+                              for s in bench.model(VE_REFERENCE).samplers}
+        out["exact_score"] = exact_score_rows(bench, sigma_min, sigma_max, out_dir / "work" / "exact")
+    if found:
+        out["pds_cost"] = pds_overhead(bench, found.parent)
+    return out
+
+
+def _pds_images(bench: Benchmark, n: int = 200) -> torch.Tensor:
+    from diffaccel.data import load_dataset
+    from diffaccel.methods.pds import representative_images
+
+    return representative_images(load_dataset(bench.data, bench.resolution, limit=bench.data_limit), n)
+
+
+def exact_score_rows(bench: Benchmark, sigma_min: float, sigma_max: float, folder: Path) -> dict:
+    """Every VE sampler row run with the exact score of the Gaussian fitted to the training images (in [0, 1]):
+    per DCT band, Frechet distance and produced / target variance. Stored per row (resumable)."""
+    from diffaccel.bench.runner import _read_json, _write_json
+    from diffaccel.bench.specs import slug
     from diffaccel.methods.pds import build_preconditioner
+    from diffaccel.oracle.bands import band_metrics
+    from diffaccel.oracle.gaussian_ve import GaussianVEScore
+    from diffaccel.samplers_score import pc_sampler, ve_sigmas
 
-    started = time.time()
-    setup = _setup(out_dir, quick, overrides)
-    s, out_dir, method, net = setup.settings, setup.out_dir, setup.method, setup.net
-    image_shape = setup.dataset.shape
-    real = setup.images(0, s.n_real)
-    pre = build_preconditioner(setup.images(0, s.pds_images), alpha=s.pds_alpha)
+    images = _pds_images(bench, n=100_000)                      # all training images, [-1, 1]
+    oracle = GaussianVEScore.fit((images + 1) / 2)
+    h, w = images.shape[-2:]
+    n = EXACT_N_QUICK if bench.n_samples < 100 else EXACT_N
+    pds_images = images[:200]
+    out = {}
+    for spec in bench.model(VE_REFERENCE).samplers:
+        o = spec.options
+        key = {"sampler": o, "n": n, "sigma": [sigma_min, sigma_max], "data": [bench.data, bench.resolution,
+                                                                               bench.data_limit]}
+        path = folder / f"{slug(spec.label)}.json"
+        stored = _read_json(path)
+        if stored and stored.get("key") == key:
+            out[spec.label] = stored["bands"]
+            continue
+        pre = build_preconditioner(pds_images, alpha=o.get("pds_alpha", 5.0)) if o.get("pds") else None
+        y = pc_sampler(oracle, (n, *images.shape[1:]), ve_sigmas(sigma_min, sigma_max, o["steps"]),
+                       snr=o.get("snr", 0.16), corrector_steps=o.get("corrector_steps", 1),
+                       predictor=o.get("predictor", "reverse-diffusion"), preconditioner=pre,
+                       generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        bands = band_metrics(y.flatten(1), oracle.mean, oracle.basis @ torch.diag(oracle.lam) @ oracle.basis.T, h, w)
+        _write_json(path, {"key": key, "bands": bands})
+        out[spec.label] = bands
+    return out
 
-    # --- PDS overhead per iteration: one PC iteration = 2 network calls + 2 (M·Mᵀ) + 2 (M) applications
-    x = torch.randn(s.sample_batch, *image_shape)
-    sigma = torch.full((s.sample_batch,), 1.0)
-    with torch.no_grad():
-        t_net = _time(lambda: method.score(net, x, sigma), s.timing_repeats)
-    t_pre = _time(lambda: (pre.apply_gram(x), pre.apply(x)), s.timing_repeats)
-    overhead = {"network_seconds_per_call": t_net, "pds_seconds_per_call": t_pre,
-                "pds_overhead_fraction": t_pre / t_net, "batch": s.sample_batch}
 
-    rows, configs = [], []
-    for frac in s.fractions:
-        steps = max(1, s.num_scales // frac)
-        for use_pds in (False, True):
-            fake, seconds = _pc_samples(setup, steps, pre if use_pds else None)
-            tag = f"N{steps}_{'pds' if use_pds else 'vanilla'}"
-            save_grid(fake[:64], out_dir / f"samples_{tag}.png", nrow=8)
-            scores = score_images(real, fake, "effnet", device="cpu", cache=True, progress=False)
-            row = {"iterations": steps, "fraction": f"N/{frac}" if frac > 1 else "N", "pds": use_pds,
-                   "nfe": method.nfe(sampler="pc", steps=steps), "fid[effnet]": scores["fid[effnet]"],
-                   "kid[effnet]": scores["kid[effnet]"], "precision[effnet]": scores["precision[effnet]"],
-                   "recall[effnet]": scores["recall[effnet]"], "seconds_per_image": seconds / s.n_samples}
-            rows.append(row)
-            configs.append({**row, **scores})
-            print(json.dumps(row), flush=True)
+def pds_overhead(bench: Benchmark, run_dir: Path, repeats: int = 5) -> dict:
+    """Seconds per iteration of the network (one score call) and of the PDS work of one predictor step
+    (M.M^T on the drift, M on the noise) on a batch of ``sample_batch``; median of ``repeats``."""
+    import statistics
 
-    # scale of the metric: held-out real images scored like the samples (the best a model could reach here)
-    held_out = setup.images(s.n_real, s.n_real + s.n_samples)
-    floor = score_images(real, held_out, "effnet", device="cpu", cache=True, progress=False)["fid[effnet]"] \
-        if len(held_out) >= 2 else None
+    from diffaccel.bench.runner import _device
+    from diffaccel.methods.pds import build_preconditioner
+    from diffaccel.runs import load_run, read_config
 
-    by = {(r["iterations"], r["pds"]): r for r in rows}
-    ratios = {f"N={k[0]}": by[(k[0], False)]["fid[effnet]"] / by[(k[0], True)]["fid[effnet]"]
-              for k in by if k[1] is False}
-    results = {"settings": asdict(s), "sigma_min": method.sigma_min, "sigma_max": method.sigma_max,
-               "sigma_max_rule": "max pairwise Euclidean distance of the training images in [0, 1]",
-               "train_seconds": setup.train_seconds, "trained_steps": setup.trained_steps,
-               "run_dir": str(setup.run_dir), "overhead": overhead,
-               "fid_ratio_vanilla_over_pds": ratios, "fid_real_held_out": floor, "configs": configs, "quick": quick}
+    device = _device()
+    method, nets = load_run(run_dir, device)
+    net = nets[method.sampling_network]
+    shape = (bench.sample_batch, *read_config(run_dir)["image_shape"])
+    pre = build_preconditioner(_pds_images(bench), alpha=5.0).to(device)
+    y = torch.rand(shape, device=device)
+    sigma = torch.full((shape[0],), 1.0, device=device)
 
-    def plot(fig):
-        ax1, ax2 = fig.subplots(1, 2)
-        for use_pds, style in ((False, "o-"), (True, "s-")):
-            pts = sorted((r["iterations"], r["fid[effnet]"], r["seconds_per_image"]) for r in rows
-                         if r["pds"] == use_pds)
-            label = "PDS" if use_pds else "vanilla PC"
-            ax1.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-            ax2.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
-        for ax, ylabel in ((ax1, "FID[effnet] (lower is better)"), (ax2, "seconds per image (CPU)")):
-            ax.set_xscale("log")
-            ax.set_xlabel("PC iterations N")
-            ax.set_ylabel(ylabel)
-            ax.legend()
-        ax1.set_yscale("log")
-        ax1.set_title(f"score-ve on {s.data} {s.resolution}², {s.n_samples} samples")
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])                     # the first call warms up
 
-    notes = (f"score-ve (σ_min = 0.01, σ_max = {method.sigma_max:.3f} = max pairwise distance of the training images "
-             f"in [0, 1]) trained {setup.trained_steps} steps at batch {s.batch_size} on {s.data} at {s.resolution}² "
-             f"({'reused run' if setup.train_seconds is None else f'{setup.train_seconds:.0f} s'}); PC sampler, snr {s.snr}, "
-             f"{s.n_samples} samples per row, FID[effnet] against {s.n_real} real images. "
-             f"FID[effnet] of {s.n_samples} held-out real images: {floor}. "
-             f"PDS: frequency filter from {s.pds_images} training images, α = {s.pds_alpha}, no space filter. "
-             f"PDS overhead per iteration: {100 * overhead['pds_overhead_fraction']:.2f} % of the network's time "
-             f"(batch {s.sample_batch}).")
-    write_results(out_dir, "pds", results, rows, plot, notes=notes, started=started)
-    return results
+    net_s = timed(lambda: method.score(net, y, sigma))
+    pds_s = timed(lambda: (pre.apply_gram(y), pre.apply(y)))
+    return {"batch": shape[0], "device": device, "network_seconds": net_s, "pds_seconds": pds_s,
+            "pds_overhead_fraction": pds_s / net_s}
+
+
+def harness_benchmark(quick: bool = False) -> Benchmark:
+    common = dict(name="pds", title="PDS vs vanilla PC / ancestral, DDIM +- PDS (MNIST-32)",
+                  reference_model=VE_REFERENCE, extra=_extra)
+    if quick:
+        ve = ModelSpec(VE_REFERENCE, "score-ve", {"num_scales": 8}, {},
+                       ve_samplers(iterations=(8, 2), sweep_at=2, sweep_n=8, n_full=8, n_few=8))
+        ddim = ModelSpec("Baseline-1000", "baseline", {"N": 1000}, {}, ddim_samplers((2,)))
+        return Benchmark(**common, models=[ve, ddim], data="mnist5k", resolution=32, data_limit=200, steps=2,
+                         n_samples=8, n_reference=64, sample_batch=8, measure_cost=False,
+                         train_defaults={"net": HARNESS_QUICK_NET, "lr": 1e-3, "ema_decay": 0.995})
+    ve = ModelSpec(VE_REFERENCE, "score-ve", {"num_scales": 1000}, {}, ve_samplers(n_few=1000))
+    ddim = ModelSpec("Baseline-1000", "baseline", {"N": 1000}, {}, ddim_samplers())
+    return Benchmark(**common, models=[ve, ddim], data="mnist5k", resolution=32, steps=8000, n_samples=1000,
+                     n_reference=3000, train_defaults={"net": HARNESS_NET, "lr": 1e-3, "ema_decay": 0.995},
+                     notes="PC-1000 costs 2,000 network calls per image (500 samples); sweep rows use 200 samples "
+                           "at N = 100; per-step sigma ratio in extra.sigma_ratio.")
+
+
+def run(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False) -> dict:
+    return run_benchmark(harness_benchmark(quick), out_dir, seeds=seeds, dry_run_only=dry_run, quick=quick,
+                         progress=not quick)
 
 
 SWEEP_SLUGS = {"none": "none", "data α=5": "data_a5", "data α=2": "data_a2", "data α=5 + space": "data_a5_space",
