@@ -12,7 +12,7 @@ from diffaccel.bench.specs import Benchmark, ModelSpec, SamplerSpec
 TINY_NET = {"preset": "tiny", "overrides": {"block_out_channels": [8, 16], "norm_num_groups": 4}}
 
 
-def tiny_benchmark(ddim_steps: int = 2) -> Benchmark:
+def tiny_benchmark(ddim_steps: int = 2, ddpm_n: int = 8) -> Benchmark:
     ddim = SamplerSpec("DDIM", {"sampler": "ddim", "steps": ddim_steps, "eta": 0.0})
     return Benchmark(
         name="tiny", title="tiny", data="mnist5k", resolution=32, data_limit=300, steps=4, eval_every=2,
@@ -20,7 +20,7 @@ def tiny_benchmark(ddim_steps: int = 2) -> Benchmark:
         train_defaults={"net": TINY_NET, "batch_size": 4, "lr": 1e-3, "ema_decay": 0.9},
         models=[ModelSpec("A", "baseline", {"N": 50}, samplers=(ddim,)),
                 ModelSpec("B", "baseline", {"N": 50}, train={"batch_size": 8},
-                          samplers=(ddim, SamplerSpec("DDPM", {"sampler": "ddpm"}, n=8, final_only=True)))])
+                          samplers=(ddim, SamplerSpec("DDPM", {"sampler": "ddpm"}, n=ddpm_n, final_only=True)))])
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_floor_sets_are_disjoint_from_the_reference():
     assert len(split.floor_set(100, 0)) == 20  # capped at the images left
 
 
-def test_rerun_reuses_everything_and_a_sampler_change_only_resamples(finished):
+def test_rerun_reuses_everything_and_a_final_sampler_change_only_resamples(finished):
     out, first = finished
     work = out / "work"
     trained = [work / m / f"seed{k}" / "trained.json" for m in ("a", "b") for k in (0, 1)]
@@ -68,11 +68,21 @@ def test_rerun_reuses_everything_and_a_sampler_change_only_resamples(finished):
     assert [p.stat().st_mtime_ns for p in trained] == stamps
     assert again["rows"][0]["fid[digits]"].mean == first["rows"][0]["fid[digits]"].mean
     evals = work / "b" / "seed0" / "evals"
-    ddpm_stamp = (evals / "ddpm.json").stat().st_mtime_ns
-    run_benchmark(tiny_benchmark(ddim_steps=3), out, seeds=2, progress=False)
+    ddim_stamp = (evals / "ddim.json").stat().st_mtime_ns
+    run_benchmark(tiny_benchmark(ddpm_n=6), out, seeds=2, progress=False)
     assert [p.stat().st_mtime_ns for p in trained] == stamps  # no retraining
-    assert (evals / "ddpm.json").stat().st_mtime_ns == ddpm_stamp  # untouched sampler kept
-    assert json.loads((evals / "ddim.json").read_text())["nfe"] == 3
+    assert (evals / "ddim.json").stat().st_mtime_ns == ddim_stamp  # untouched sampler kept
+    assert json.loads((evals / "ddpm.json").read_text())["n"] == 6
+
+
+def test_the_curve_sampler_enters_the_training_key_and_a_final_only_sampler_does_not():
+    """The curve logged along training is part of the training record: changing its sampler retrains."""
+    from diffaccel.bench.specs import train_key
+
+    base = tiny_benchmark()
+    key = train_key(base, base.model("B"), 0, 4)
+    assert train_key(tiny_benchmark(ddim_steps=3), tiny_benchmark(ddim_steps=3).model("B"), 0, 4) != key
+    assert train_key(tiny_benchmark(ddpm_n=6), tiny_benchmark(ddpm_n=6).model("B"), 0, 4) == key
 
 
 def test_interrupted_training_resumes(tmp_path):

@@ -88,8 +88,10 @@ def _digest(obj) -> str:
 
 
 def train_settings(bench: Benchmark, model: ModelSpec, seed: int, steps: int) -> dict:
-    """Everything the trained network of (model, seed) depends on."""
-    return {"method": model.method, "method_kwargs": model.method_kwargs,
+    """Everything the trained network of (model, seed) and its logged training curve depend on."""
+    curve = next((asdict(s) for s in model.samplers if not s.final_only), None)
+    return {"curve_sampler": curve, "n_samples": bench.n_samples, "n_reference": bench.n_reference,
+            "extractors": list(bench.extractors), "method": model.method, "method_kwargs": model.method_kwargs,
             "train": {**bench.train_defaults, **model.train}, "seed": seed, "steps": steps,
             "data": [bench.data, bench.resolution, bench.data_limit], "eval_every": bench.eval_every,
             "setup": [getattr(model.setup, "__name__", None), model.setup_settings]}
