@@ -246,16 +246,18 @@ def test_end_to_end_autoencoder_then_latent_ddgan(tmp_path):
         LDDGAN(autoencoder=str(tmp_path / "missing"))
 
 
-@pytest.mark.slow
-def test_lddgan_benchmark_quick(tmp_path):
+@pytest.mark.slow  # one tiny autoencoder and five tiny models, evaluated: tens of seconds
+def test_lddgan_benchmark_quick_runs_on_the_harness(tmp_path):
     from diffaccel.bench.lddgan import run
 
-    res = run(tmp_path / "out", quick=True, work_dir=tmp_path / "work")
-    labels = [r["label"] for r in res["rows"]]
-    assert labels == ["DDPM-1000", "DDIM-20", "DDGAN (pixel)", "LDDGAN adv", "LDDGAN adv+rec", "LDDGAN adv+rec+WL"]
-    by = {r["label"]: r for r in res["rows"]}
-    assert by["DDPM-1000"]["nfe"] == 1000 and by["DDIM-20"]["nfe"] == 20 and by["LDDGAN adv+rec+WL"]["nfe"] == 4
-    assert all(r["sec_per_100"] > 0 for r in res["rows"])
-    assert all("fid[effnet]" in r for r in res["rows"][1:])
-    for name in ("results.json", "results.md", "results.png", "samples.png"):
+    summary = run(tmp_path / "out", quick=True, seeds=1)
+    rows = {(r["model"], r["sampler"]): r for r in summary["rows"]}
+    assert list(rows) == [("DDPM", "DDIM-20"), ("DDPM", "DDPM-1000"), ("DDGAN (pixel)", "T=4"), ("LDDGAN adv", "T=4"),
+                          ("LDDGAN adv+rec", "T=4"), ("LDDGAN adv+rec+WL", "T=4")]
+    assert rows[("LDDGAN adv+rec+WL", "T=4")]["nfe"] == 4 and rows[("DDPM", "DDPM-1000")]["nfe"] == 50
+    assert all(r["seconds_per_100_images"].mean > 0 for r in rows.values())
+    # the three LDDGAN rows of a seed share one autoencoder
+    assert [r["autoencoder"] for r in summary["extra"]["autoencoders"]] == ["seed0"]
+    assert summary["extra"]["autoencoders"][0]["PSNR dB"] > 0
+    for name in ("results.json", "results.md"):
         assert (tmp_path / "out" / name).is_file()
