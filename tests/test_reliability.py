@@ -598,3 +598,14 @@ def test_metrics_reader_skips_cut_and_damaged_lines(tmp_path):
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
     truncate_metrics(tmp_path, 1)
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
+
+
+@pytest.mark.parametrize("flags", [["--method", "baseline", "--time-steps", "0"],
+                                   ["--method", "dvdp", "--time-steps", "0"],
+                                   ["--method", "score-ve", "--num-scales", "0"]])
+def test_a_zero_step_count_is_refused_not_replaced_by_the_default(tmp_path, flags):
+    """0 is a value, not "unset": it must be refused (exit 2, one line), never silently become 1000."""
+    out = tmp_path / "run"
+    result = run_cli(["train", *flags, "--data", "digits", "--steps", "1", "--out", str(out)])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert ", got 0" in result.stderr and not out.exists()

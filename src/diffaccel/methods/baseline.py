@@ -38,7 +38,7 @@ class Baseline(EpsilonPDS, Method):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Baseline":
-        return cls(N=args.time_steps or 1000, schedule=args.schedule)
+        return cls(N=1000 if args.time_steps is None else args.time_steps, schedule=args.schedule)
 
     def noised(self, x0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         ab = self.alpha_bars.to(x0.device)[k].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))

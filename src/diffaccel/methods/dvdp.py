@@ -174,7 +174,8 @@ class DVDP(Method):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DVDP":
-        kwargs = {"T": getattr(args, "time_steps", None) or 1000}
+        time_steps = getattr(args, "time_steps", None)
+        kwargs = {"T": 1000 if time_steps is None else time_steps}
         tps = getattr(args, "turning_points", None)
         kwargs["turning_points"] = (600,) if tps is None else tps
         if not cls.equal_schedules:

@@ -82,7 +82,7 @@ class ScoreVE(Method):
 
             dataset = load_dataset(data, resolution, channels, limit=getattr(args, "data_limit", None))
             sigma_max = sigma_max_from_data(dataset.images)
-        return cls(sigma_max=sigma_max, num_scales=getattr(args, "num_scales", 1000) or 1000, data=data,
+        return cls(sigma_max=sigma_max, num_scales=1000 if getattr(args, "num_scales", None) is None else args.num_scales, data=data,
                    resolution=resolution, channels=channels)
 
     def prepare(self, dataset, device):
