@@ -609,3 +609,9 @@ def test_a_zero_step_count_is_refused_not_replaced_by_the_default(tmp_path, flag
     result = run_cli(["train", *flags, "--data", "digits", "--steps", "1", "--out", str(out)])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert ", got 0" in result.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("eta", ["nan", "-0.5", "inf", "1.5"])
+def test_an_eta_outside_zero_one_is_refused_before_the_run_is_read(tmp_path, eta):
+    result = run_cli(["sample", str(tmp_path), "--eta", eta])
+    assert result.returncode == 2 and "--eta: must be a number in [0, 1]" in result.stderr

@@ -38,6 +38,14 @@ class _SharedFlags:
         return getattr(self.group, name)
 
 
+
+def _eta(text: str) -> float:
+    """DDIM's η scales the posterior's standard deviation: outside [0, 1] (or NaN) the step's variance is invalid."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
 def _method_classes():
     from diffaccel.methods import METHODS, method_class
 
@@ -107,7 +115,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, help="run directory written by `diffaccel train`")
     p.add_argument("--sampler", default=None, help="ddim | ddpm (epsilon methods), pc | ald (score models)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps / iterations (method default if unset)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (1 = ancestral, 0 = deterministic)")
+    p.add_argument("--eta", type=_eta, default=None, help="DDIM eta in [0, 1] (1 = ancestral, 0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default="auto")
