@@ -3,6 +3,7 @@ the non-finite guard and disk-full handling. Everything runs on CPU with 8×8 di
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -615,3 +616,13 @@ def test_a_zero_step_count_is_refused_not_replaced_by_the_default(tmp_path, flag
 def test_an_eta_outside_zero_one_is_refused_before_the_run_is_read(tmp_path, eta):
     result = run_cli(["sample", str(tmp_path), "--eta", eta])
     assert result.returncode == 2 and "--eta: must be a number in [0, 1]" in result.stderr
+
+
+def test_grad_accum_larger_than_the_batch_and_empty_turning_points_are_refused(tmp_path):
+    from diffaccel.methods.dvdp import parse_turning_points
+
+    with pytest.raises(UserError, match="--grad-accum 64 is larger than --batch-size 8"):
+        tiny_cfg(tmp_path / "run", batch_size=8, grad_accum=64).validate()
+    for text in (",", "300,,600"):
+        with pytest.raises(argparse.ArgumentTypeError, match="empty entry"):
+            parse_turning_points(text)

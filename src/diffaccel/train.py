@@ -66,6 +66,8 @@ class TrainConfig:
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (self.grad_accum <= self.batch_size, f"--grad-accum {self.grad_accum} is larger than --batch-size "
+                                                 f"{self.batch_size}: each micro-batch needs at least one image"),
             (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
             (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),

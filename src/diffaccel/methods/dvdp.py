@@ -96,8 +96,11 @@ def attenuation_schedule(turning_points: Sequence[int], T: int, lambda_at_turn: 
 
 def parse_turning_points(text: str) -> tuple[int, ...]:
     """``"300,600"`` → (300, 600); an argparse ``type`` (argparse reports the error and exits with status 2)."""
+    parts = [p.strip() for p in text.split(",")]
+    if text.strip() and not all(parts):  # "," or "300,,600": an empty entry is a typo, not "no turning point"
+        raise argparse.ArgumentTypeError(f"empty entry in {text!r}; give comma-separated integers such as 300,600")
     try:
-        return tuple(int(p) for p in text.split(",") if p.strip())
+        return tuple(int(p) for p in parts if p)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 300,600, got {text!r}") from None
 
