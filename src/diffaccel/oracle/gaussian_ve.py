@@ -2,27 +2,21 @@
 
     grad log p_sigma(y) = -(S + sigma^2 I)^-1 (y - m) = -U diag(1 / (lam + sigma^2)) U^T (y - m)
 
-with S = U diag(lam) U^T. Written by hand: no library ships a closed-form score; self-contained (torch only).
+with S = U diag(lam) U^T. Written by hand: no library ships a closed-form score.
 """
 
 from __future__ import annotations
 
 import torch
 
-from diffaccel.errors import UserError
+from diffaccel.oracle.gaussian_vp import eigendecompose
 
 
 class GaussianVEScore:
     """``score(y, sigma)`` for images of any shape whose flattened law is N(mean, cov); sigma is [B] or a scalar."""
 
     def __init__(self, mean: torch.Tensor, cov: torch.Tensor):
-        d = mean.numel()
-        if cov.shape != (d, d):
-            raise UserError(f"covariance must be {d}x{d} for a mean of {d} values, got {tuple(cov.shape)}")
-        lam, basis = torch.linalg.eigh(cov.double())
-        if lam.min() < -1e-8 * lam.abs().max().clamp(min=1.0):
-            raise UserError("covariance is not positive semi-definite")
-        self.mean, self.lam, self.basis = mean.double().flatten(), lam.clamp(min=0), basis
+        self.mean, self.lam, self.basis = eigendecompose(mean, cov)
 
     @classmethod
     def fit(cls, images: torch.Tensor) -> "GaussianVEScore":

@@ -13,20 +13,26 @@ from torch import nn
 from diffaccel.errors import UserError
 
 
+def eigendecompose(mean: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated N(mean, cov) in its eigenbasis, float64: (flattened mean, eigenvalues >= 0, orthonormal basis)."""
+    d = mean.numel()
+    if cov.shape != (d, d):
+        raise UserError(f"covariance must be {d}x{d} for a mean of {d} values, got {tuple(cov.shape)}")
+    lam, basis = torch.linalg.eigh(cov.double())
+    if lam.min() < -1e-8 * lam.abs().max().clamp(min=1.0):
+        raise UserError("covariance is not positive semi-definite")
+    return mean.double().flatten(), lam.clamp(min=0), basis
+
+
 class GaussianVPEpsilon(nn.Module):
     """``net(x, k)`` returning the exact E[eps | x_k] for images of ``shape`` whose flattened law is N(mean, cov)."""
 
     def __init__(self, mean: torch.Tensor, cov: torch.Tensor, alpha_bars: torch.Tensor, shape: tuple[int, ...]):
         super().__init__()
-        d = mean.numel()
-        if cov.shape != (d, d):
-            raise UserError(f"covariance must be {d}x{d} for a mean of {d} values, got {tuple(cov.shape)}")
-        lam, basis = torch.linalg.eigh(cov.double())
-        if lam.min() < -1e-8 * lam.abs().max().clamp(min=1.0):
-            raise UserError("covariance is not positive semi-definite")
+        flat_mean, lam, basis = eigendecompose(mean, cov)
         self.shape = tuple(shape)
-        self.register_buffer("mean", mean.double().flatten())
-        self.register_buffer("lam", lam.clamp(min=0))
+        self.register_buffer("mean", flat_mean)
+        self.register_buffer("lam", lam)
         self.register_buffer("basis", basis)
         self.register_buffer("alpha_bars", alpha_bars.double())
 
