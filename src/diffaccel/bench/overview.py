@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffaccel.bench.stats import Interval
 from diffaccel.errors import UserError
 
 START, END = "<!-- benchmark-overview:start -->", "<!-- benchmark-overview:end -->"
 
 
 def _interval(cell) -> str:
+    """An interval as results.json stores it (``Interval.as_dict``), formatted like the results tables."""
     if not isinstance(cell, dict) or cell.get("mean") is None:
         return ""
-    mean, hw = cell["mean"], cell.get("ci95_half_width")
-    return f"{mean:.4g}" if hw is None else f"{mean:.4g} ± {hw:.2g}"
+    return Interval(cell["mean"], cell.get("ci95_half_width"), cell.get("n_seeds", 1)).format(digits=4)
 
 
 def harness_results(root: Path) -> list[dict]:
