@@ -47,8 +47,7 @@ def overview_rows(root: Path) -> list[dict]:
                          "NFE": r["nfe"], "steps": r["steps"], "seeds": r["seeds"], "samples": r["n_samples"],
                          primary: _interval(r.get(primary)), f"floor {primary}": _interval(floor),
                          "legible rate": _interval(r.get("legible_rate")),
-                         "s/100 img": f"{r['seconds_per_100_images']:.3g}"
-                         if isinstance(r.get("seconds_per_100_images"), (int, float)) else "",
+                         "s/100 img": _interval(r.get("seconds_per_100_images")),
                          "vs reference": r.get("vs_reference", ""),
                          "machine": payload["machine"].get("device", "")})
     return rows
