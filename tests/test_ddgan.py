@@ -161,10 +161,16 @@ def test_training_phases_keep_networks_apart_and_apply_lazy_r1():
     for p in nets["generator"].parameters():
         p.grad = None
     torch.manual_seed(1)
-    with_r1 = m.discriminator_loss(nets, x0, 3)
+    with_r1, health = m.discriminator_loss(nets, x0, 3)
     torch.manual_seed(1)
-    without = m.discriminator_loss(nets, x0, 4)
+    without, health_without = m.discriminator_loss(nets, x0, 4)
     assert with_r1.item() > without.item()
+    # the health record: mean logits on real and fake pairs, and R1 only on the steps that compute it
+    assert set(health) == {"d_real", "d_fake", "r1"} and set(health_without) == {"d_real", "d_fake"}
+    assert health["r1"].item() > 0 and not health["d_real"].requires_grad
+    assert with_r1.item() - without.item() == pytest.approx(10.0 / 2 * health["r1"].item(), abs=1e-6)
+    assert all(not p.clip for p in phases) and all(p.clip for p in DDGAN(T=2, gan_clip=True).phases())
+    assert (phases[0].lr, phases[1].lr) == (1.25e-4, 1.6e-4)
     with_r1.backward()
     assert all(p.grad is None for p in nets["generator"].parameters())
 
@@ -197,7 +203,7 @@ def test_autoencoder_round_trip_and_latent_range(factor):
         ae.latent_shift.copy_(torch.tensor(stats["shift"]))
         ae.latent_scale.fill_(stats["scale"])
         z = ae.encode_scaled(x)
-        assert z.abs().max().item() == pytest.approx(1.0, abs=1e-5)
+        assert z.std().item() == pytest.approx(1.0, abs=1e-5)  # latent diffusion's unit-std scaling
         torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
         torch.testing.assert_close(ae.decode_scaled(z), recon, atol=1e-5, rtol=1e-4)
     assert psnr(x, x + 0.02).mean().item() == pytest.approx(10 * math.log10(4 / 0.0004), rel=1e-5)
@@ -234,14 +240,17 @@ def test_end_to_end_autoencoder_then_latent_ddgan(tmp_path):
     assert (ae_run / "samples.png").is_file()
     m = LDDGAN(autoencoder=str(ae_run), T=2, lazy_reg=2)
     run = train(_train_cfg(tmp_path / "ld"), m, progress=False, log=lambda *_: None)
-    assert (ae_run / "latent_scale.json").is_file() and list((ae_run / "latents").iterdir())
+    assert (ae_run / "latent_stats.json").is_file() and list((ae_run / "latents").iterdir())
     method, nets = load_run(run)
-    assert nets["generator"].in_channels == 2
+    assert nets["generator"].in_channels == 2 and nets["generator"].output == "identity"  # latents: no tanh
     x = method.sample(nets["generator"], 5, (1, 8, 8), generator=torch.Generator().manual_seed(0))
     assert x.shape == (5, 1, 8, 8) and x.abs().max() <= 1 and method.nfe() == 2
-    # the cached latents are the scaled encodings and lie in [-1, 1]
-    lat = m.prepare(__import__("diffaccel.data", fromlist=["x"]).load_dataset("digits", 8, limit=48), "cpu")
-    assert lat.shape == (2, 4, 4) and lat.images.abs().max() <= 1 + 1e-5
+    # the cached latents are the scaled encodings, of unit std on the autoencoder's own training data
+    from diffaccel.methods.autoencoder import training_images
+    from diffaccel.data import ImageDataset
+
+    lat = m.prepare(ImageDataset(training_images(ae_run), "digits"), "cpu")
+    assert lat.shape == (2, 4, 4) and lat.images.float().std().item() == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(UserError):
         LDDGAN(autoencoder=str(tmp_path / "missing"))
 

@@ -54,7 +54,7 @@ def _method_classes():
 
 def _add_train_parser(sub) -> argparse.ArgumentParser:
     from diffaccel.nets.unet import PRESETS
-    from diffaccel.train import TrainConfig
+    from diffaccel.train import LR_SCHEDULES, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train a model (any method) into a run directory",
@@ -85,6 +85,8 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="learning rate after warm-up: constant, or a cosine decay to 0 at --steps")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     g.add_argument("--steps", type=int, default=d.steps, help="optimisation steps in total")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
@@ -265,7 +267,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = TrainConfig(data=args.data, resolution=args.resolution, channels=args.channels, hflip=args.hflip,
                           data_limit=args.data_limit, net={"preset": args.preset, "overrides": overrides},
                           batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                          warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, steps=args.steps,
+                          warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+                          max_grad_norm=args.max_grad_norm, steps=args.steps,
                           grad_accum=args.grad_accum, ema_decay=args.ema_decay,
                           mixed_precision=args.mixed_precision, seed=args.seed, out=out, log_every=args.log_every,
                           checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,

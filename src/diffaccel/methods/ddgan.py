@@ -5,6 +5,9 @@ Training (one iteration = D phase then G phase, both on the same data batch):
   fake pair   x_0' = G(x_t, t, z), x_{t-1}' ~ q(x_{t-1}|x_t, x_0')   (the Gaussian posterior)
   D loss      softplus(-D(x_{t-1}, x_t, t)) + softplus(D(x_{t-1}', x_t, t)) + [every lazy_reg steps] γ/2·‖∇D(real)‖²
   G loss      softplus(-D(x_{t-1}', x_t, t)) + λ·‖x_0 - x_0'‖₁ with λ = 0, 1, or Weighted Learning (paper eq. 9)
+Optimisation as in the official code: Adam betas (0.5, 0.9), separate learning rates for D and G, no gradient
+clipping (clipping would rescale the R1 steps, changing γ's meaning; ``--gan-clip`` opts in). Each log record
+carries D's mean logit on real and fake pairs and the R1 value; a dead discriminator is warned about.
 Sampling (Algorithm 1): x_T ~ N(0, I); for t = T..1: x_0' = G(x_t, t, z), x_{t-1} ~ q(x_{t-1}|x_t, x_0');
 then (LDDGAN) one decoder call.
 """
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffaccel.errors import UserError
+from diffaccel.gan_health import DiscriminatorMonitor
 from diffaccel.methods.base import Method, Phase
 from diffaccel.methods.ddgan_schedule import ddgan_schedule
 
@@ -51,7 +55,7 @@ def _set_requires_grad(net: nn.Module, flag: bool) -> None:
 
 
 def _adam(params, lr):
-    """DDGAN's optimiser (both networks share the trainer's --lr, which the trainer sets every step)."""
+    """DDGAN's optimiser; the learning rate is the phase's (--lr-d / --lr-g), set by the trainer every step."""
     return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
 
 
@@ -59,13 +63,15 @@ class DDGAN(Method):
     """Pixel-space denoising diffusion GAN (Xiao et al. 2022); the LDDGAN subclass runs it on latents."""
 
     name = "ddgan"
+    latent = False
     ema_networks = ("generator",)
     sampling_network = "generator"
     default_gen_loss = "adv"
 
     def __init__(self, T: int = 4, gen_loss: str | None = None, wl_delta: float = 6.0, rec_weight: float = 1.0,
                  r1_gamma: float = 0.05, lazy_reg: int = 15, nz: int | None = None, beta_min: float = 0.1,
-                 beta_max: float = 20.0):
+                 beta_max: float = 20.0, lr_d: float = 1.25e-4, lr_g: float = 1.6e-4, gan_clip: bool = False,
+                 d_health_steps: int = 1000):
         gen_loss = gen_loss or self.default_gen_loss
         if gen_loss not in GEN_LOSSES:
             raise UserError(f"--gen-loss must be one of {', '.join(GEN_LOSSES)}, got {gen_loss!r}")
@@ -75,16 +81,24 @@ class DDGAN(Method):
             raise UserError(f"--r1-gamma must be >= 0, got {r1_gamma}")
         if nz is not None and nz < 1:
             raise UserError(f"--nz must be >= 1, got {nz}")
+        if not (lr_d > 0 and lr_g > 0 and math.isfinite(lr_d) and math.isfinite(lr_g)):
+            raise UserError(f"--lr-d and --lr-g must be positive numbers, got {lr_d} and {lr_g}")
+        if d_health_steps < 0:
+            raise UserError(f"--d-health-steps must be >= 0 (0 turns the warning off), got {d_health_steps}")
         self.T, self.gen_loss, self.wl_delta, self.rec_weight = int(T), gen_loss, float(wl_delta), float(rec_weight)
         self.r1_gamma, self.lazy_reg, self.nz = float(r1_gamma), int(lazy_reg), nz
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
         self.schedule = ddgan_schedule(self.T, beta_min, beta_max)
+        self.lr_d, self.lr_g, self.gan_clip = float(lr_d), float(lr_g), bool(gan_clip)
+        self.d_health_steps = int(d_health_steps)
+        self.health = DiscriminatorMonitor("", "discriminator", patience=self.d_health_steps)
         self.total_steps: int | None = None
 
     # --- configuration -------------------------------------------------------------------------------------
     def config(self) -> dict:
         return {"T": self.T, "gen_loss": self.gen_loss, "wl_delta": self.wl_delta, "rec_weight": self.rec_weight,
-                "r1_gamma": self.r1_gamma, "lazy_reg": self.lazy_reg, "nz": self.nz, "beta_min": self.beta_min, "beta_max": self.beta_max}
+                "r1_gamma": self.r1_gamma, "lazy_reg": self.lazy_reg, "nz": self.nz, "beta_min": self.beta_min, "beta_max": self.beta_max,
+                "lr_d": self.lr_d, "lr_g": self.lr_g, "gan_clip": self.gan_clip, "d_health_steps": self.d_health_steps}
 
     @staticmethod
     def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -96,11 +110,22 @@ class DDGAN(Method):
         group.add_argument("--r1-gamma", type=float, default=0.05, help="DDGAN/LDDGAN R1 penalty weight γ")
         group.add_argument("--lazy-reg", type=int, default=15, help="apply the R1 penalty every N steps")
         group.add_argument("--nz", type=int, default=None, help="DDGAN/LDDGAN latent z size (default: preset's)")
+        group.add_argument("--lr-d", type=float, default=1.25e-4,
+                           help="DDGAN/LDDGAN discriminator learning rate (official CIFAR-10 setting; --lr is not "
+                                "used by the GAN phases)")
+        group.add_argument("--lr-g", type=float, default=1.6e-4, help="DDGAN/LDDGAN generator learning rate")
+        group.add_argument("--gan-clip", action="store_true",
+                           help="DDGAN/LDDGAN: clip the GAN phases' gradients at --max-grad-norm (default: no "
+                                "clipping, as the official code)")
+        group.add_argument("--d-health-steps", type=int, default=1000,
+                           help="GAN methods (ddgan, lddgan, autoencoder): warn when a discriminator's real/fake logit gap "
+                                "stays ~0 for this many steps (0: off)")
 
     @classmethod
     def _common_args(cls, args: argparse.Namespace) -> dict:
         return dict(T=args.steps_T, gen_loss=args.gen_loss, wl_delta=args.wl_delta, r1_gamma=args.r1_gamma,
-                    lazy_reg=args.lazy_reg, nz=args.nz)
+                    lazy_reg=args.lazy_reg, nz=args.nz, lr_d=args.lr_d, lr_g=args.lr_g, gan_clip=args.gan_clip,
+                    d_health_steps=args.d_health_steps)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DDGAN":
@@ -123,13 +148,20 @@ class DDGAN(Method):
         overrides = dict(net_cfg.get("overrides", {}))
         if self.nz is not None:
             overrides["nz"] = self.nz
+        if self.latent:
+            overrides.setdefault("output", "identity")  # unit-std latents are not bounded to [-1, 1]
         return {"generator": build_generator(preset, c, h, **overrides),
                 "discriminator": build_discriminator(preset, c, **net_cfg.get("discriminator", {}))}
 
     # --- training ------------------------------------------------------------------------------------------
     def phases(self) -> list[Phase]:
-        return [Phase("discriminator", ("discriminator",), self.discriminator_loss, optimizer=_adam),
-                Phase("generator", ("generator",), self.generator_loss, optimizer=_adam)]
+        return [Phase("discriminator", ("discriminator",), self.discriminator_loss, optimizer=_adam, lr=self.lr_d,
+                      clip=self.gan_clip),
+                Phase("generator", ("generator",), self.generator_loss, optimizer=_adam, lr=self.lr_g,
+                      clip=self.gan_clip)]
+
+    def on_log(self, record: dict, log) -> None:
+        self.health.update(record, log)
 
     def _draw(self, x0: torch.Tensor):
         t = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device)
@@ -141,7 +173,7 @@ class DDGAN(Method):
         x0_fake = G(x_t, t.to(x_t.dtype), z)
         return x0_fake, self.schedule.posterior_sample(x0_fake, x_t, t)
 
-    def discriminator_loss(self, nets: dict[str, nn.Module], x0: torch.Tensor, step: int) -> torch.Tensor:
+    def discriminator_loss(self, nets: dict[str, nn.Module], x0: torch.Tensor, step: int):
         G, D = nets["generator"], nets["discriminator"]
         _set_requires_grad(D, True)
         t, x_prev, x_t = self._draw(x0)
@@ -150,11 +182,16 @@ class DDGAN(Method):
         x_prev.requires_grad_(do_r1)
         d_real = D(x_prev, x_t, tf)
         loss = F.softplus(-d_real).mean()
+        health = {"d_real": d_real.detach().mean()}
         if do_r1:
-            loss = loss + self.r1_gamma / 2 * r1_penalty(d_real, x_prev).mean()
+            r1 = r1_penalty(d_real, x_prev).mean()
+            loss = loss + self.r1_gamma / 2 * r1
+            health["r1"] = r1.detach()
         with torch.no_grad():
             _, x_prev_fake = self._fake(G, x_t, t)
-        return loss + F.softplus(D(x_prev_fake, x_t, tf)).mean()
+        d_fake = D(x_prev_fake, x_t, tf)
+        health["d_fake"] = d_fake.detach().mean()
+        return loss + F.softplus(d_fake).mean(), health
 
     def reconstruction_weight(self, step: int) -> float:
         if self.gen_loss == "adv":
@@ -225,6 +262,7 @@ class LDDGAN(DDGAN):
     """DDGAN on the scaled latents of a trained autoencoder run (``--autoencoder AE_RUN``)."""
 
     name = "lddgan"
+    latent = True
     default_gen_loss = "adv+rec+wl"
 
     def __init__(self, autoencoder: str | None = None, **kwargs):

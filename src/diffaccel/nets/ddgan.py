@@ -117,12 +117,19 @@ def _time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class DDGANGenerator(nn.Module):
-    """G(x_t, t, z) -> predicted x_0 in [-1, 1]. ``t`` is the step index (float [B]); ``z`` is [B, nz]."""
+    """G(x_t, t, z) -> predicted x_0. ``t`` is the step index (float [B]); ``z`` is [B, nz].
+
+    ``output="tanh"`` bounds x_0 to [-1, 1] (pixels); ``"identity"`` leaves it free (unit-std latents, whose
+    range is not [-1, 1]: a tanh there would squash the tails the decoder needs).
+    """
 
     def __init__(self, in_channels: int, resolution: int, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
                  attn_resolutions: tuple[int, ...], nz: int, z_dim: int, n_mlp: int, t_dim: int, groups: int,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, output: str = "tanh"):
         super().__init__()
+        if output not in ("tanh", "identity"):
+            raise UserError(f"generator output must be tanh or identity, got {output!r}")
+        self.output = output
         levels = len(ch_mult)
         if resolution % (2 ** (levels - 1)) != 0:
             raise UserError(f"generator with {levels} levels needs a resolution divisible by {2 ** (levels - 1)}, "
@@ -184,7 +191,8 @@ class DDGANGenerator(nn.Module):
             if isinstance(blocks[0], ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(blocks, h, temb, w)
-        return torch.tanh(self.conv_out(F.silu(self.norm_out(h, w))))
+        out = self.conv_out(F.silu(self.norm_out(h, w)))
+        return torch.tanh(out) if self.output == "tanh" else out
 
 
 def minibatch_std(x: torch.Tensor, group: int = 4) -> torch.Tensor:
