@@ -6,6 +6,8 @@ from nothing); this test trains a tiny DDGAN with the adversarial loss alone, so
 
 import json
 
+import pytest
+
 import torch
 
 from diffaccel.data import ImageDataset
@@ -66,3 +68,32 @@ def test_dead_discriminator_is_warned_about_once_and_reported():
     records = [{"step": s, "d_real": 0.3, "d_fake": -0.3, "patch_d_real": 2e-4, "patch_d_fake": 0.0}
                for s in range(0, 500, 50)]
     assert set(dead_discriminators(records)) == {"patch_"}
+
+
+def test_weighted_learning_on_resume_with_more_steps_follows_the_longer_schedule(tmp_path):
+    """λ(step) = WL(step / --steps) of the run's current length: a run resumed to 8 steps weights steps 5-8 as an
+    uninterrupted 8-step run does (its first 4 steps were trained under the 4-step schedule, as they happened)."""
+    from diffaccel.methods.ddgan import weighted_learning_weight
+
+    images = ImageDataset(_two_modes(1.0, 64), "toy")
+
+    def cfg(out, steps):
+        return TrainConfig(data="toy", net={"preset": "tiny", "overrides": {"output": "identity"}}, batch_size=8,
+                           steps=steps, out=str(out), log_every=1, checkpoint_every=4, device="cpu")
+
+    def weights(run):
+        return {r["step"]: r["rec_weight"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "rec_weight" in r}
+
+    full = train(cfg(tmp_path / "full", 8), DDGAN(T=2, gen_loss="adv+rec+wl"), dataset=images, progress=False,
+                 log=lambda *_: None)
+    train(cfg(tmp_path / "part", 4), DDGAN(T=2, gen_loss="adv+rec+wl"), dataset=images, progress=False,
+          log=lambda *_: None)
+    resumed = train(cfg(tmp_path / "part", 8), DDGAN(T=2, gen_loss="adv+rec+wl"), dataset=images, resume=True,
+                    progress=False, log=lambda *_: None)
+    w_full, w_resumed = weights(full), weights(resumed)
+    # the record of step s holds the weight used at trainer step s - 1
+    assert w_full == {s: pytest.approx(weighted_learning_weight(s - 1, 8)) for s in range(1, 9)}
+    assert {s: w_resumed[s] for s in range(5, 9)} == {s: w_full[s] for s in range(5, 9)}
+    assert {s: w_resumed[s] for s in range(1, 5)} == {s: pytest.approx(weighted_learning_weight(s - 1, 4))
+                                                     for s in range(1, 5)}

@@ -211,7 +211,7 @@ class DDGAN(Method):
         lam = self.reconstruction_weight(step)
         if lam > 0:
             loss = loss + lam * (x0_fake - x0).abs().mean()
-        return loss
+        return (loss, {"rec_weight": lam}) if self.gen_loss != "adv" else loss
 
     # --- sampling ------------------------------------------------------------------------------------------
     @torch.no_grad()
