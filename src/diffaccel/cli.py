@@ -241,9 +241,10 @@ def _config_value(action, key: str, value, source):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from diffaccel.methods import build_method, method_class
+    from diffaccel.methods import method_class
     from diffaccel.runs import read_config
     from diffaccel.train import TrainConfig, release_process_group, train
+    from diffaccel.validation import build_method_checked
 
     explicit = {a.split("=")[0] for a in args.argv if a.startswith("--")}
     if args.resume:
@@ -254,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         for flag in ("steps", "log_every", "checkpoint_every", "eval_every", "sample_every", "device"):
             if f"--{flag.replace('_', '-')}" in explicit:
                 setattr(cfg, flag, getattr(args, flag))
-        method = build_method(saved["method"], saved.get("method_config"))
+        method = build_method_checked(saved["method"], saved.get("method_config"), f"{args.out}/config.yaml")
     else:
         method = method_class(args.method).from_args(args)
         try:
@@ -393,33 +394,38 @@ def cmd_info(args: argparse.Namespace) -> None:
     from diffaccel.checkpoint import list_checkpoints, verify
     from diffaccel.runs import read_config, read_metrics
 
-    config = read_config(args.run_dir)
+    config = read_config(args.run_dir)  # everything is read and checked before the first line is printed
     train = config["train"]
-    print(f"run: {args.run_dir}\nmethod: {config['method']} {config.get('method_config')}\n"
-          f"data: {train['data']} image shape {config['image_shape']}\nnetwork: {train['net']}\n"
-          f"training: batch {train['batch_size']}, lr {train['lr']}, steps {train['steps']}, seed {train['seed']}")
+    lines = [f"run: {args.run_dir}\nmethod: {config['method']} {config.get('method_config')}\n"
+             f"data: {train['data']} image shape {config['image_shape']}\nnetwork: {train['net']}\n"
+             f"training: batch {train['batch_size']}, lr {train['lr']}, steps {train['steps']}, seed {train['seed']}"]
     ckpts = list_checkpoints(Path(args.run_dir) / "checkpoints")
-    print("checkpoints:" + ("" if ckpts else " none"))
+    lines.append("checkpoints:" + ("" if ckpts else " none"))
     for c in ckpts:
         try:
             verify(c)
-            print(f"  {c.name}: ok")
+            lines.append(f"  {c.name}: ok")
         except UserError as e:
-            print(f"  {c.name}: BROKEN ({e})")
+            lines.append(f"  {c.name}: BROKEN ({e})")
     records = read_metrics(args.run_dir)
     losses = [r for r in records if any(k.startswith("loss") for k in r)]
     if losses:
-        print("last log: " + json.dumps(losses[-1]))
+        lines.append("last log: " + json.dumps(losses[-1]))
     evals = [r for r in records if any("[" in k for k in r)]
     if evals:
-        print("last evaluation: " + json.dumps(evals[-1]))
+        lines.append("last evaluation: " + json.dumps(evals[-1]))
+    print("\n".join(lines))
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
     from diffaccel.doctor import doctor
 
     ok = doctor(args.run_dir)
-    if not ok:
+    if doctor.last_run_problems:  # the run directory the user named is damaged: a user error, exit 2
+        n = len(doctor.last_run_problems)
+        raise UserError(f"run directory {args.run_dir} has {n} problem{'s' * (n > 1)} (marked above); first: "
+                        f"{doctor.last_run_problems[0][:400]}")
+    if not ok:  # the installation lacks something required
         raise SystemExit(1)
 
 

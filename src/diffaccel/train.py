@@ -27,6 +27,7 @@ from diffaccel.data import ImageDataset, load_dataset, save_grid
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method
 from diffaccel.runs import append_metrics, read_config, truncate_metrics, write_config
+from diffaccel.validation import check_state_fits
 
 
 @dataclass
@@ -218,7 +219,7 @@ class Trainer:
                 "model_shape": list(self.dataset.shape), "diffaccel_version": diffaccel.__version__}
 
     def _check_resumable(self) -> None:
-        saved = read_config(self.run_dir)
+        saved = read_config(self.run_dir, rebuild=False)  # the method compared here may be a library user's own
         if saved["method"] != self.method.name:
             raise UserError(f"{self.run_dir} was trained with method {saved['method']!r}, not {self.method.name!r}")
         if saved.get("method_config") != self.method.config():
@@ -228,8 +229,12 @@ class Trainer:
     def _load_latest(self) -> None:
         ckpt = latest_valid(self.run_dir / "checkpoints", log=self.log)
         if ckpt is None:
-            if list_checkpoints(self.run_dir / "checkpoints"):
-                raise UserError(f"no usable checkpoint in {self.run_dir / 'checkpoints'}: every one is broken")
+            found = list_checkpoints(self.run_dir / "checkpoints")
+            if found:
+                from diffaccel.validation import newest_problem
+
+                raise UserError(f"no usable checkpoint in {self.run_dir / 'checkpoints'}: every one is broken "
+                                f"(the newest: {newest_problem(found)})")
             self.log(f"{self.run_dir} has no checkpoint yet: starting from step 0")
             if self.accelerator.is_main_process:  # one writer: ranks replacing the same file would race
                 truncate_metrics(self.run_dir, 0)
@@ -238,17 +243,22 @@ class Trainer:
         if meta.get("method") != self.method.name:
             raise UserError(f"checkpoint {ckpt} is from method {meta.get('method')!r}, not {self.method.name!r}")
         acc = self.accelerator
+        check_state_fits(state, ckpt / "state.pt", self.optimizers, self.ema, len(self.dataset))
         load_into({n: acc.unwrap_model(net) for n, net in self.nets.items()}, weights, ckpt / "weights.safetensors")
         load_into({n: e.module for n, e in self.ema.items()}, ema, ckpt / "ema.safetensors")
-        for name, e in self.ema.items():
-            e.n_averaged.copy_(state["ema_n_averaged"][name])
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-        if state.get("scaler") is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(state["scaler"])
-        self.stream.load(state["data"])
-        self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
-        _set_rng_state(state["rng"][min(acc.process_index, len(state["rng"]) - 1)])
+        try:  # the schema fixed the shapes of the containers; what is inside must still fit these optimisers
+            for name, e in self.ema.items():
+                e.n_averaged.copy_(state["ema_n_averaged"][name])
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+            if state.get("scaler") is not None and acc.scaler is not None:
+                acc.scaler.load_state_dict(state["scaler"])
+            self.stream.load(state["data"])
+            self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
+            _set_rng_state(state["rng"][min(acc.process_index, len(state["rng"]) - 1)])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError, SyntaxError) as e:
+            raise UserError(f"checkpoint file {ckpt / 'state.pt'} does not fit this run "
+                            f"({type(e).__name__}: {str(e)[:120]})") from None
         acc.wait_for_everyone()  # every rank has chosen and read its checkpoint before rank 0 moves any
         truncate_metrics(self.run_dir, self.step) if acc.is_main_process else None
         if acc.is_main_process:  # record the settings the run continues with (e.g. a larger --steps)

@@ -1,0 +1,247 @@
+"""Bad input, as a careful new user and an adversarial tester give it: every refusal is exit 2 and one short
+message (no traceback), nothing is created or changed by a refused command, and no explicit flag is dropped.
+
+Everything runs in-process (``cli.main``) on a tiny 8×8 digits run."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffaccel import cli
+from diffaccel.checkpoint import _sha256
+from diffaccel.methods.baseline import Baseline
+from diffaccel.train import TrainConfig, train
+
+NET = {"block_out_channels": [16, 32], "norm_num_groups": 8}
+
+
+def quiet(*_a, **_k):
+    pass
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("good") / "run"
+    cfg = TrainConfig(data="digits", data_limit=64, net={"preset": "tiny", "overrides": NET}, batch_size=8, steps=4,
+                      log_every=1, checkpoint_every=2, device="cpu", out=str(out), sample_n=4,
+                      sample_options={"steps": 2})
+    train(cfg, Baseline(N=50), progress=False, log=quiet)
+    return out
+
+
+def tree(root: Path) -> dict:
+    """Every path under ``root`` with its kind, mode and content hash (what "unchanged" means)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            digest = None
+            if p.is_symlink():
+                digest = os.readlink(p)
+            elif p.is_file() and not p.is_fifo():
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            found[str(p.relative_to(root))] = (st.st_mode, digest)
+    return found
+
+
+def call(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        cli.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- 1. damaged run directories ----------------------------------------------------------------------------------
+def _yaml(run: Path, edit) -> None:
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    edit(config)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def _each_checkpoint(run: Path, edit) -> None:
+    for ckpt in sorted((run / "checkpoints").glob("step_*")):
+        edit(ckpt)
+
+
+def _meta(edit):
+    def apply(ckpt: Path):
+        meta = json.loads((ckpt / "meta.json").read_text())
+        (ckpt / "meta.json").write_text(json.dumps(edit(meta)))
+    return lambda run: _each_checkpoint(run, apply)
+
+
+def _state(edit):
+    """Replace state.pt by ``edit(state)`` and forge the checksum so that only the schema can catch it."""
+    def apply(ckpt: Path):
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        new = edit(state)
+        if isinstance(new, bytes):
+            (ckpt / "state.pt").write_bytes(new)
+        else:
+            torch.save(new, ckpt / "state.pt")
+        meta = json.loads((ckpt / "meta.json").read_text())
+        meta["sha256"]["state.pt"] = _sha256(ckpt / "state.pt")
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    return lambda run: _each_checkpoint(run, apply)
+
+
+def _drop(key):
+    return lambda c: c.pop(key)
+
+
+def _set(path: str, value):
+    def edit(c):
+        *parents, last = path.split(".")
+        for p in parents:
+            c = c[p]
+        c[last] = value
+    return edit
+
+
+def _replace_file(name: str, data: bytes):
+    return lambda run: (run / name).write_bytes(data)
+
+
+def _symlink_loop(run: Path):
+    (run / "config.yaml").unlink()
+    os.symlink("config.yaml", run / "config.yaml")
+
+
+def _config_folder(run: Path):
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").mkdir()
+
+
+def _checkpoints_file(run: Path):
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").write_text("not a folder")
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+
+ALL, NO_INFO, NO_SAMPLE = ("info", "sample", "doctor", "resume"), ("sample", "doctor", "resume"), \
+    ("info", "doctor", "resume")
+# name -> (how to damage a copy of a good run, the commands that must refuse it, a word the message must hold)
+DAMAGE = {
+    "config lacks train": (lambda r: _yaml(r, _drop("train")), ALL, "train"),
+    "config lacks image_shape": (lambda r: _yaml(r, _drop("image_shape")), ALL, "image_shape"),
+    "config lacks method": (lambda r: _yaml(r, _drop("method")), ALL, "method"),
+    "train is a number": (lambda r: _yaml(r, _set("train", 3)), ALL, "train"),
+    "batch_size is text": (lambda r: _yaml(r, _set("train.batch_size", "big")), ALL, "batch_size"),
+    "batch_size is 0": (lambda r: _yaml(r, _set("train.batch_size", 0)), ALL, "batch-size"),
+    "image_shape too short": (lambda r: _yaml(r, _set("image_shape", [1, 8])), ALL, "image_shape"),
+    "image_shape is text": (lambda r: _yaml(r, _set("image_shape", "abc")), ALL, "image_shape"),
+    "method is a number": (lambda r: _yaml(r, _set("method", 5)), ALL, "method"),
+    "method unknown": (lambda r: _yaml(r, _set("method", "nope")), ALL, "unknown method"),
+    "method_config is a list": (lambda r: _yaml(r, _set("method_config", [1])), ALL, "method_config"),
+    "method_config unknown key": (lambda r: _yaml(r, _set("method_config.bogus", 1)), ALL, "bogus"),
+    "net is a list": (lambda r: _yaml(r, _set("train.net", [1])), ALL, "net"),
+    "net overrides negative": (lambda r: _yaml(r, _set("train.net.overrides.block_out_channels", [-16, 32])),
+                               ALL, "block_out_channels"),
+    "unknown train entry": (lambda r: _yaml(r, _set("train.bogus", 1)), ALL, "bogus"),
+    "config random bytes": (_replace_file("config.yaml", bytes(range(256)) * 4), ALL, "UTF-8"),
+    "config is a list": (_replace_file("config.yaml", b"- 1\n- 2\n"), ALL, "method"),
+    "config empty": (_replace_file("config.yaml", b""), ALL, "method"),
+    "config bad yaml": (_replace_file("config.yaml", b"method: [\n"), ALL, "YAML"),
+    "config yaml bomb": (_replace_file("config.yaml", BOMB.encode()), ALL, "aliases"),
+    "config symlink loop": (_symlink_loop, ALL, "symlink loop"),
+    "config is a folder": (_config_folder, ALL, "folder"),
+    "checkpoints is a file": (_checkpoints_file, NO_INFO + ("info",), "not a folder"),
+    "meta is a list": (_meta(lambda m: [m]), NO_INFO, "meta.json"),
+    "meta lacks sha256": (_meta(lambda m: {k: v for k, v in m.items() if k != "sha256"}), NO_INFO, "sha256"),
+    "meta sha256 is a list": (_meta(lambda m: {**m, "sha256": [1]}), NO_INFO, "sha256"),
+    "meta step is text": (_meta(lambda m: {**m, "step": "x"}), NO_INFO, "step"),
+    "state wrong keys": (_state(lambda s: {"step": 4}), NO_INFO, "state.pt"),
+    "state is a list": (_state(lambda s: [1, 2]), NO_INFO, "state.pt"),
+    "state random bytes": (_state(lambda s: os.urandom(500)), NO_INFO, "state.pt"),
+    "state data wrong type": (_state(lambda s: {**s, "data": 3}), NO_INFO, "data"),
+    "state perm of another size": (_state(lambda s: {**s, "data": {**s["data"], "perm": torch.arange(7)}}),
+                                   ("resume",), "data order"),
+    "state optimizer names": (_state(lambda s: {**s, "optimizers": {"other": s["optimizers"]["main"]}}),
+                              ("resume",), "optimizers"),
+    "metrics random bytes": (_replace_file("metrics.jsonl", bytes(range(128, 256)) * 8), NO_SAMPLE, "metrics"),
+}
+COMMANDS = {
+    "info": lambda run: ["info", str(run)],
+    "sample": lambda run: ["sample", str(run), "--n", "1", "--steps", "1", "--device", "cpu",
+                           "--out", str(run.parent / "grid.png")],
+    "doctor": lambda run: ["doctor", str(run)],
+    "resume": lambda run: ["train", "--resume", "--out", str(run), "--steps", "6"],
+}
+CASES = [(name, cmd) for name, (_, cmds, _) in DAMAGE.items() for cmd in cmds]
+
+
+@pytest.mark.parametrize("name,command", CASES, ids=[f"{c}-{n.replace(' ', '_')}" for n, c in CASES])
+def test_damaged_run_directory_is_refused_in_one_line_and_left_as_it_was(good_run, tmp_path, capsys, name,
+                                                                        command):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    damage, _, word = DAMAGE[name]
+    damage(run)
+    before = tree(run)
+    code, out, err = call(COMMANDS[command](run), capsys)
+    assert code == 2, (out[-2000:], err)
+    assert "Traceback" not in out + err
+    assert err.startswith("diffaccel: error:") and len(err.strip().splitlines()) <= 3, err
+    if command != "doctor":  # doctor prints its report first, then the one-line verdict
+        assert len((out + err).strip().splitlines()) <= 3, out + err
+    assert word.lower() in err.lower(), err
+    assert len(err) < 600, err
+    assert tree(run) == before, "the run directory was changed"
+    assert not (run.parent / "grid.png").exists()
+
+
+def test_a_run_directory_that_cannot_be_read_names_the_path_and_the_reason(good_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Permissions do not bind root (the tests may run as root): the OS error is injected at open()."""
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    real_open = builtins.open
+    locked = {str(run / "config.yaml"), str(run / "checkpoints" / "step_0000004" / "meta.json"),
+              str(run / "checkpoints" / "step_0000002" / "meta.json")}
+
+    def guarded(file, *a, **kw):
+        if str(file) in locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    for command in ("info", "sample", "doctor", "resume"):
+        code, out, err = call(COMMANDS[command](run), capsys)
+        assert code == 2 and "Traceback" not in out + err
+        assert f"{run / 'config.yaml'}: permission denied" in err, err
+    locked.discard(str(run / "config.yaml"))  # now only the checkpoints: not "no usable checkpoint"
+    code, out, err = call(COMMANDS["sample"](run), capsys)
+    assert code == 2 and "meta.json: permission denied" in err and "no usable checkpoint" not in err, err
+
+
+@pytest.mark.parametrize("what", ["missing", "file"])
+def test_commands_on_something_that_is_not_a_run_exit_2(tmp_path, capsys, what):
+    target = tmp_path / "x"
+    if what == "file":
+        target.write_text("hello")
+    for argv in (["info", str(target)], ["doctor", str(target)], ["sample", str(target)], ["eval", str(target)]):
+        code, out, err = call(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in out + err, (argv, err)
+    assert not target.exists() or target.read_text() == "hello"
+
+
+def test_doctor_on_a_folder_that_is_not_a_run_exits_2(tmp_path, capsys):
+    code, out, err = call(["doctor", str(tmp_path)], capsys)
+    assert code == 2 and "not a diffaccel run directory" in err and out == ""
