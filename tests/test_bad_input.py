@@ -245,3 +245,19 @@ def test_commands_on_something_that_is_not_a_run_exit_2(tmp_path, capsys, what):
 def test_doctor_on_a_folder_that_is_not_a_run_exits_2(tmp_path, capsys):
     code, out, err = call(["doctor", str(tmp_path)], capsys)
     assert code == 2 and "not a diffaccel run directory" in err and out == ""
+
+
+def test_an_os_error_is_one_line_exit_2_and_a_bug_asks_for_a_report(tmp_path, capsys, monkeypatch):
+    def refuse(_args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/file")
+
+    monkeypatch.setattr(cli, "cmd_info", refuse)
+    code, _, err = call(["info", str(tmp_path)], capsys)
+    assert code == 2 and err.strip() == "diffaccel: error: /somewhere/file: permission denied"
+
+    def bug(_args):
+        raise ZeroDivisionError("oops")
+
+    monkeypatch.setattr(cli, "cmd_info", bug)
+    code, _, err = call(["info", str(tmp_path)], capsys)
+    assert code == 1 and "Traceback" in err and "internal error" in err.splitlines()[-1] and "report" in err

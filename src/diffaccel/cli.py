@@ -448,6 +448,19 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("diffaccel: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except OSError as e:  # the system refused a path the user gave (read-only, not a folder, no space, ...)
+        from diffaccel.validation import clip, os_reason
+
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"diffaccel: error: {clip(where + os_reason(e), 300)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception:  # a bug in diffaccel, not bad input: keep the traceback and ask for a report
+        import traceback
+
+        traceback.print_exc()
+        print("diffaccel: internal error (the traceback above is a bug in diffaccel, not a problem with your "
+              "input): please report it with the command line you ran", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
