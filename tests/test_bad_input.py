@@ -261,3 +261,74 @@ def test_an_os_error_is_one_line_exit_2_and_a_bug_asks_for_a_report(tmp_path, ca
     monkeypatch.setattr(cli, "cmd_info", bug)
     code, _, err = call(["info", str(tmp_path)], capsys)
     assert code == 1 and "Traceback" in err and "internal error" in err.splitlines()[-1] and "report" in err
+
+
+# --- 6. validate before work; create nothing until valid ----------------------------------------------------------
+def _no_sampling(monkeypatch):
+    import diffaccel.evaluate as evaluate
+
+    def refuse(*_a, **_k):
+        raise AssertionError("sampling started before the inputs were checked")
+
+    monkeypatch.setattr(evaluate, "generate", refuse)
+
+
+@pytest.mark.parametrize("flags,word", [(["--extractor", "nope"], "unknown feature extractor"),
+                                        (["--extractor", "inception", "--inception-weights", "/nonexistent/w.pth"],
+                                         "Inception weights file not found")])
+def test_eval_refuses_a_bad_extractor_before_sampling_and_leaves_nothing(good_run, tmp_path, capsys, monkeypatch,
+                                                                        flags, word):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    before = tree(run)
+    _no_sampling(monkeypatch)
+    code, out, err = call(["eval", str(run), "--n", "8", "--device", "cpu", *flags], capsys)
+    assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
+    assert tree(run) == before  # no eval_samples/, no eval.json
+
+
+def test_train_eval_every_with_a_bad_extractor_is_refused_at_the_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = call(["train", "--method", "baseline", "--data", "digits", "--steps", "1", "--eval-every", "1",
+                         "--extractor", "nope", "--device", "cpu", "--out", str(out)], capsys)
+    assert code == 2 and "unknown feature extractor" in err and not out.exists()
+
+
+@pytest.mark.parametrize("target", ["folder", "under a file", "proc"])
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_an_unwritable_out_is_refused_before_work_and_leaves_no_temporary_file(good_run, tmp_path, capsys,
+                                                                              monkeypatch, target, command):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    (tmp_path / "afile").write_text("x")
+    out = {"folder": tmp_path, "under a file": tmp_path / "afile" / "o.png", "proc": Path("/proc/o.png")}[target]
+    _no_sampling(monkeypatch)
+    before, outside = tree(run), sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = call([command, str(run), "--n", "8", "--device", "cpu", "--out", str(out)], capsys)
+    assert code == 2 and "--out" in err and len(err.strip().splitlines()) == 1, err
+    assert tree(run) == before and sorted(p.name for p in tmp_path.iterdir()) == outside
+    assert not list(Path("/proc").glob("*.tmp*")) and not list(tmp_path.rglob("*tmp*"))
+
+
+def test_a_fresh_run_refused_at_its_first_step_leaves_no_folder_that_blocks_the_rerun(tmp_path):
+    from diffaccel.errors import UserError
+    from diffaccel.methods.base import Phase
+
+    class Refusing(Baseline):
+        def phases(self):
+            def loss(nets, x0, step):
+                raise UserError("this setting cannot train")
+            return [Phase("main", ("net",), loss)]
+
+    out = tmp_path / "run"
+    cfg = dict(data="digits", data_limit=16, net={"preset": "tiny", "overrides": NET}, batch_size=8, steps=1,
+               device="cpu", out=str(out), sample_n=2, sample_options={"steps": 1})
+    with pytest.raises(UserError, match="cannot train"):
+        train(TrainConfig(**cfg), Refusing(N=10), progress=False, log=quiet)
+    assert not out.exists()
+    out.mkdir()  # a folder the user made beforehand is kept, empty
+    with pytest.raises(UserError, match="cannot train"):
+        train(TrainConfig(**cfg), Refusing(N=10), progress=False, log=quiet)
+    assert out.is_dir() and not any(out.iterdir())
+    train(TrainConfig(**cfg), Baseline(N=10), progress=False, log=quiet)  # the corrected rerun goes through
+    assert (out / "checkpoints" / "step_0000001").is_dir()

@@ -273,12 +273,16 @@ def cmd_train(args: argparse.Namespace) -> None:
                           sample_every=args.sample_every, eval_every=args.eval_every,
                           max_nonfinite=args.max_nonfinite, device=args.device, init_from=args.init_from,
                           sample_options={"clip_x0": True} if args.clip_x0 else {})
+    cfg.validate()
     callback = None
     if cfg.eval_every:
         from diffaccel.data import load_dataset
         from diffaccel.evaluate import training_evaluator
+        from diffaccel.validation import check_extractor
 
         reference = load_dataset(cfg.data, cfg.resolution, cfg.channels, False, cfg.data_limit)
+        # the extractor is built now, not at the first evaluation hours later
+        check_extractor(getattr(args, "extractor", "effnet"), reference.shape)
         callback = training_evaluator(reference, getattr(args, "eval_n", 1000), getattr(args, "extractor", "effnet"),
                                       cfg.sample_options)
     run_dir = train(cfg, method, resume=args.resume, callback=callback)
@@ -295,12 +299,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from diffaccel.data import save_grid, to_uint8
     from diffaccel.runs import load_run
 
+    from diffaccel.runs import read_config
+    from diffaccel.validation import check_output_file, check_output_folder
+
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    shape = tuple(read_config(args.run_dir)["image_shape"])
+    out = args.out or args.run_dir / "samples" / f"sample-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    check_output_file(out, "--out")  # outputs are checked before sampling: a refusal leaves nothing behind
+    if args.save_images:
+        check_output_folder(args.save_images, "--save-images")
     device = _device(args.device)
     method, nets = load_run(args.run_dir, device, checkpoint=args.checkpoint)
     options = method.sampler_options(args)
-    shape = tuple(__import__("diffaccel.runs").runs.read_config(args.run_dir)["image_shape"])
     generator = torch.Generator(device=device).manual_seed(args.seed)
     chunks, t0 = [], time.perf_counter()
     with torch.inference_mode():
@@ -310,7 +321,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
                                         **options).cpu())
     elapsed = time.perf_counter() - t0
     images = torch.cat(chunks)
-    out = args.out or args.run_dir / "samples" / f"sample-{time.strftime('%Y%m%d-%H%M%S')}.png"
     save_grid(images, out)
     if args.save_images:
         from PIL import Image

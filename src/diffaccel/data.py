@@ -320,7 +320,11 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, p
     arr = grid.permute(1, 2, 0).numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3]).save(tmp, format="PNG")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    try:
+        Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3]).save(tmp, format="PNG")
+        tmp.replace(path)
+    except BaseException:  # nothing half-written is left beside the target
+        tmp.unlink(missing_ok=True)
+        raise
     return path

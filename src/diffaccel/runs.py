@@ -15,10 +15,14 @@ from diffaccel.errors import UserError
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:  # nothing half-written is left beside the target
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_config(run_dir: Path, config: dict) -> None:

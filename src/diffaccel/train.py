@@ -150,11 +150,15 @@ class Trainer:
         cfg.validate()
         self.cfg, self.method, self.callback, self.progress, self.log = cfg, method, callback, progress, log
         self.run_dir = Path(cfg.out)
+        from diffaccel.validation import check_output_folder
+
+        check_output_folder(self.run_dir, "run directory")
         if resume:
             self._check_resumable()
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise UserError(f"run directory {self.run_dir} already exists and is not empty; "
                             "pass --resume to continue it or choose another --out")
+        self._fresh, self._created = not resume, not self.run_dir.exists()  # (a fresh run's folder is empty)
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         from accelerate.state import AcceleratorState
 
@@ -353,8 +357,24 @@ class Trainer:
         save_grid(images, path)
 
     def run(self) -> Path:
-        with self._writes():
-            return self._run()
+        try:
+            with self._writes():
+                return self._run()
+        except UserError:
+            self._forget_unstarted_run()
+            raise
+
+    def _forget_unstarted_run(self) -> None:
+        """A fresh run refused before its first step completed leaves no config-only folder behind (it would
+        block the corrected rerun with "already exists")."""
+        if not (self._fresh and self.step == 0 and self.accelerator.is_main_process) \
+                or list_checkpoints(self.run_dir / "checkpoints"):
+            return
+        if self._created:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        else:  # the user's empty folder stays, empty
+            for child in self.run_dir.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
     def _run(self) -> Path:
         cfg, acc = self.cfg, self.accelerator

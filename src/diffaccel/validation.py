@@ -430,3 +430,65 @@ def newest_problem(checkpoints: list) -> str:
     except UserError as e:
         return clip(e, 300)
     return "it verifies now"
+
+
+# --- outputs: checked before any work, so that a refusal leaves nothing behind ---------------------------------
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_writable(folder: Path, flag: str, target: Path) -> None:
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".diffaccel-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {target}: cannot write in {folder}: {os_reason(e)}") from None
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """``path`` can be written as a file: not a folder, and its nearest existing parent is a writable folder
+    (folders still missing would be created). Nothing is left behind by the check."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a file name")
+        if os.path.lexists(path) and not path.is_file():
+            raise UserError(f"{flag} {path} exists and is not a regular file")
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {os_reason(e)}") from None
+    parent = _nearest_existing(path.parent)
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+    _probe_writable(parent, flag, path)
+    return path
+
+
+def check_output_folder(path: str | Path, flag: str) -> Path:
+    """``path`` is (or can be created as) a writable folder; nothing is created by the check."""
+    path = Path(path)
+    if os.path.lexists(path) and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    parent = _nearest_existing(path)
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+    _probe_writable(parent, flag, path)
+    return path
+
+
+def check_extractor(name: str, image_shape, weights_path=None) -> None:
+    """The feature extractor ``name`` can score images of ``image_shape`` (built once on the CPU, cached, so a
+    missing weights file or an unsuitable image size is refused before any sampling)."""
+    from diffaccel.metrics.features import EXTRACTORS, cached_extractor
+
+    if name not in EXTRACTORS:
+        raise UserError(f"unknown feature extractor {echo(name, 40)}; choose one of: {', '.join(EXTRACTORS)}")
+    if name == "digits" and int(image_shape[0]) != 1:
+        raise UserError(f"the digits extractor scores 1-channel digit images, these have {image_shape[0]} "
+                        "channels; use --extractor effnet")
+    cached_extractor(name, "cpu", int(image_shape[-1]), None, str(weights_path) if weights_path else None)
