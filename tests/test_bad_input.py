@@ -332,3 +332,102 @@ def test_a_fresh_run_refused_at_its_first_step_leaves_no_folder_that_blocks_the_
     assert out.is_dir() and not any(out.iterdir())
     train(TrainConfig(**cfg), Baseline(N=10), progress=False, log=quiet)  # the corrected rerun goes through
     assert (out / "checkpoints" / "step_0000001").is_dir()
+
+
+# --- 4. a flag the user gave is honoured or refused, never dropped -------------------------------------------------
+TRAIN = ["train", "--data", "digits", "--data-limit", "16", "--preset", "tiny", "--net-config", json.dumps(NET),
+         "--batch-size", "8", "--steps", "1", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "kl", "--autoencoder", "AE"], "--autoencoder is not used by method 'kl'"),
+    (["--method", "baseline", "--kl-terms", "3"], "--kl-terms is not used by method 'baseline'"),
+    (["--method", "subspace", "--lambda-at-turn", "0.1"], "--lambda-at-turn is not used by method 'subspace'"),
+    (["--method", "kl", "--kl-correction", "posterior"], "--kl-correction is not used"),  # read only with --init-from
+    (["--method", "ddgan", "--schedule", "cosine"], "--schedule is not used by method 'ddgan'"),
+    (["--method", "baseline", "--extractor", "digits"], "--extractor only matter with --eval-every"),
+    (["--method", "baseline", "--eval-n", "10"], "--eval-n only matter with --eval-every"),
+])
+def test_train_refuses_a_flag_the_method_does_not_read(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    code, _, err = call([*TRAIN, *flags, "--out", str(out)], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_config_file_setting_the_method_does_not_read_is_refused_too(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("method: baseline\nkl_terms: 4\n")
+    code, _, err = call([*TRAIN, "--config", str(config), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "--kl-terms is not used by method 'baseline'" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_device_cuda_without_cuda_is_refused_not_run_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = call([*TRAIN[:-2], "--device", "cuda", "--out", str(out)], capsys)
+    assert code == 2 and "no CUDA device" in err and not out.exists()
+
+
+@pytest.mark.parametrize("flags,word", [(["--lr", "0.1"], "--lr was 0.0002"), (["--method", "kl"], "--method was"),
+                                        (["--data", "mnist5k"], "--data was 'digits'"),
+                                        (["--time-steps", "10"], "--time-steps is a setting of the method"),
+                                        (["--preset", "small"], "--preset was 'tiny'")])
+def test_resume_refuses_a_changed_setting(good_run, tmp_path, capsys, flags, word):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    before = tree(run)
+    code, _, err = call(["train", "--resume", "--out", str(run), "--steps", "6", *flags], capsys)
+    assert code == 2 and word in err and "--steps" in err, err
+    assert tree(run) == before
+
+
+def test_resume_accepts_a_repeated_setting_and_a_flag_that_may_change(good_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    code, out, err = call(["train", "--resume", "--out", str(run), "--steps", "5", "--data", "digits",
+                           "--lr", "0.0002", "--log-every", "1"], capsys)
+    assert code == 0, err
+    assert (run / "checkpoints" / "step_0000005").is_dir()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--sampler", "ddpm", "--steps", "5"], "--steps not used by --sampler ddpm"),
+    (["--sampler", "ddpm", "--eta", "0.5"], "--eta not used by --sampler ddpm"),
+    (["--sampler", "euler"], "unknown sampler 'euler'"),
+    (["--stage-steps", "2,2"], "--stage-steps is not used by the sampler of this baseline run"),
+    (["--snr", "0.2"], "score-ve runs only"),
+])
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_sampling_refuses_a_flag_the_sampler_does_not_use(good_run, tmp_path, capsys, monkeypatch, flags, message,
+                                                          command):
+    _no_sampling(monkeypatch)
+    before = tree(good_run)
+    code, _, err = call([command, str(good_run), "--n", "8", "--device", "cpu", *flags,
+                         "--out", str(tmp_path / "o.png")], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert tree(good_run) == before and not list(tmp_path.iterdir())
+
+
+def test_a_method_without_sampler_settings_refuses_them(good_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    _yaml(run, lambda c: c.update(method="ddgan", method_config={}))
+    for flags in (["--steps", "3"], ["--sampler", "ddim"], ["--eta", "0"]):
+        code, _, err = call(["sample", str(run), "--n", "1", *flags], capsys)
+        assert code == 2 and f"{flags[0]} is not used by the sampler of this ddgan run" in err, err
+
+
+def test_score_ve_refuses_an_empty_sampler_name():
+    import argparse
+
+    from diffaccel.errors import UserError
+    from diffaccel.methods.score_ve import ScoreVE
+
+    with pytest.raises(UserError, match="unknown sampler ''"):
+        ScoreVE(sigma_max=1.0).sampler_options(argparse.Namespace(sampler="", steps=None, eta=None))
+
+
+def test_kl_time_steps_zero_is_refused_not_replaced_by_the_default(tmp_path, capsys):
+    code, _, err = call([*TRAIN, "--method", "kl", "--time-steps", "0", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "got 0" in err

@@ -46,6 +46,45 @@ def _eta(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
     return value
 
+class _ReadRecorder:
+    """Stands in for the parsed arguments and records which of them are read: what a method actually uses."""
+
+    def __init__(self, namespace: argparse.Namespace):
+        self.__dict__.update(_namespace=namespace, read=set())
+
+    def __getattr__(self, name):
+        self.__dict__["read"].add(name)
+        return getattr(self.__dict__["_namespace"], name)
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the flags the user typed (defaults suppressed, so only given ones are set)."""
+    sub = parser._subparsers._group_actions[0].choices[parser.parse_args(argv).command]
+    saved, saved_defaults = [(a, a.default) for a in sub._actions], sub._defaults
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        sub._defaults = {}
+        given = set(vars(parser.parse_args(argv)))
+    finally:
+        for a, default in saved:
+            a.default = default
+        sub._defaults = saved_defaults
+    return given - {"command"}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _refuse_unread(given: set[str], allowed: set[str], what: str, hint: str = "") -> None:
+    unread = sorted(given - allowed)
+    if unread:
+        flags = ", ".join(_flag(d) for d in unread)
+        raise UserError(f"{flags} {'is' if len(unread) == 1 else 'are'} not used by {what}{hint}; "
+                        "drop it rather than have it ignored")
+
+
 def _method_classes():
     from diffaccel.methods import METHODS, method_class
 
@@ -106,8 +145,10 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite,
                    help="stop after this many non-finite steps in a row")
     seen: set[str] = set(p._option_string_actions)
+    shared = {a.dest for a in p._actions}
     for name, cls in _method_classes().items():
         cls.add_arguments(_SharedFlags(p.add_argument_group(f"method {name}"), seen))
+    p.shared_dests = shared  # read by the trainer whatever the method; the rest only if the method reads them
     return p
 
 
@@ -121,8 +162,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder (default: the latest good one)")
     seen = set(p._option_string_actions)
+    before = {a.dest for a in p._actions}
     for name, cls in _method_classes().items():
         cls.add_sample_arguments(_SharedFlags(p.add_argument_group(f"method {name}"), seen))
+    p.method_dests = {a.dest for a in p._actions} - before | {"sampler", "steps", "eta"}  # read by the method
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +249,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argp
         train_parser.set_defaults(**{k.replace("-", "_"): _config_value(actions.get(k.replace("-", "_")), k, v,
                                                                         args.config) for k, v in values.items()})
         args = parser.parse_args(argv)
+        args.config_dests = {str(k).replace("-", "_") for k in values}
     return args
 
 
@@ -246,22 +290,29 @@ def cmd_train(args: argparse.Namespace) -> None:
     from diffaccel.train import TrainConfig, release_process_group, train
     from diffaccel.validation import build_method_checked
 
-    explicit = {a.split("=")[0] for a in args.argv if a.startswith("--")}
+    given = getattr(args, "given", set())
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out RUN_DIR")
         saved = read_config(args.out)
         cfg = TrainConfig(**{**saved["train"], "out": str(args.out)})  # the folder may have been moved or copied
-        for flag in ("steps", "log_every", "checkpoint_every", "eval_every", "sample_every", "device"):
-            if f"--{flag.replace('_', '-')}" in explicit:
+        _check_resume_flags(args, given, saved)
+        for flag in RESUME_MAY_CHANGE & set(vars(cfg)):
+            if flag in given:
                 setattr(cfg, flag, getattr(args, flag))
         method = build_method_checked(saved["method"], saved.get("method_config"), f"{args.out}/config.yaml")
     else:
-        method = method_class(args.method).from_args(args)
+        recorder = _ReadRecorder(args)
+        method = method_class(args.method).from_args(recorder)
+        # a flag the user gave is honoured or refused: the trainer's own flags, plus what this method read
+        _refuse_unread(given, args.parser.shared_dests | recorder.read, f"method {args.method!r}")
         try:
             overrides = json.loads(args.net_config) if args.net_config else {}
         except ValueError as e:
             raise UserError(f"--net-config is not valid JSON: {e}") from None
+        from diffaccel.validation import check_net_overrides
+
+        check_net_overrides(overrides, "--net-config")
         out = args.out or f"runs/{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
         cfg = TrainConfig(data=args.data, resolution=args.resolution, channels=args.channels, hflip=args.hflip,
                           data_limit=args.data_limit, net={"preset": args.preset, "overrides": overrides},
@@ -273,6 +324,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                           sample_every=args.sample_every, eval_every=args.eval_every,
                           max_nonfinite=args.max_nonfinite, device=args.device, init_from=args.init_from,
                           sample_options={"clip_x0": True} if args.clip_x0 else {})
+    if not cfg.eval_every and given & {"extractor", "eval_n"}:
+        raise UserError(", ".join(_flag(d) for d in sorted(given & {"extractor", "eval_n"}))
+                        + " only matter with --eval-every N > 0; drop them or set --eval-every")
+    if cfg.device != "auto":
+        _device(cfg.device)  # --device cuda without CUDA is refused, as `sample` does, not replaced by the CPU
     cfg.validate()
     callback = None
     if cfg.eval_every:
@@ -293,6 +349,57 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"  report: {run_dir / 'report.md'}")
 
 
+# settings a resumed run may change; any other flag given with --resume must repeat the run's own value
+RESUME_MAY_CHANGE = {"steps", "log_every", "checkpoint_every", "eval_every", "sample_every", "device",
+                     "keep_checkpoints", "max_nonfinite", "eval_n", "extractor", "resume", "out", "config"}
+
+
+def _check_resume_flags(args: argparse.Namespace, given: set[str], saved: dict) -> None:
+    train = saved["train"]
+    current = {"method": saved["method"], "preset": train["net"].get("preset"),
+               "net_config": train["net"].get("overrides", {}), "clip_x0": bool(train["sample_options"].get("clip_x0"))}
+    changed = []
+    for dest in sorted(given - RESUME_MAY_CHANGE):
+        value = getattr(args, dest, None)
+        if dest == "net_config":
+            try:
+                value = json.loads(value) if value else {}
+            except ValueError:
+                pass
+        if dest in current:
+            same = value == current[dest]
+        elif dest in train:
+            same = value == train[dest]
+        else:  # a method's own setting: the method is rebuilt from the run's config.yaml, not from flags
+            same = False
+        if not same:
+            changed.append(dest)
+    if changed:
+        from diffaccel.validation import echo
+
+        was = "; ".join(f"{_flag(d)} was {echo(current[d] if d in current else train[d], 40)}"
+                        if d in current or d in train else
+                        f"{_flag(d)} is a setting of the method, fixed as {echo(saved.get('method_config'), 60)}"
+                        for d in changed)
+        raise UserError(f"--resume continues the run as it was trained: {was}. Only "
+                        + ", ".join(_flag(d) for d in sorted(RESUME_MAY_CHANGE - {'resume', 'out', 'config'}))
+                        + " may change; start a new run (--out) for other settings")
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Every sampling flag given is read by the run's method (else refused), and the options are valid,
+    before anything is loaded or sampled."""
+    from diffaccel.runs import read_config
+    from diffaccel.validation import build_method_checked
+
+    config = read_config(args.run_dir)
+    method = build_method_checked(config["method"], config.get("method_config"), f"{args.run_dir}/config.yaml")
+    recorder = _ReadRecorder(args)
+    method.sampler_options(recorder)
+    shared = {a.dest for a in args.parser._actions} - args.parser.method_dests
+    _refuse_unread(args.given, shared | recorder.read, f"the sampler of this {config['method']} run")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
@@ -305,6 +412,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     shape = tuple(read_config(args.run_dir)["image_shape"])
+    _check_sampling_flags(args)
     out = args.out or args.run_dir / "samples" / f"sample-{time.strftime('%Y%m%d-%H%M%S')}.png"
     check_output_file(out, "--out")  # outputs are checked before sampling: a refusal leaves nothing behind
     if args.save_images:
@@ -336,6 +444,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from diffaccel.evaluate import evaluate_run
 
+    _check_sampling_flags(args)
     result = evaluate_run(args.run_dir, n=args.n, sampler_args=args, extractor=args.extractor,
                           device=_device(args.device), batch_size=args.batch_size, seed=args.seed, out=args.out,
                           checkpoint=args.checkpoint, inception_weights=args.inception_weights)
@@ -450,6 +559,8 @@ def main(argv: list[str] | None = None) -> None:
         parser = build_parser()
         args = _apply_config_file(parser, argv)
         args.argv = argv
+        args.given = _explicit_dests(parser, argv) | getattr(args, "config_dests", set())
+        args.parser = parser._subparsers._group_actions[0].choices[args.command]
         {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info,
          "doctor": cmd_doctor, "train-extractor": cmd_train_extractor}[args.command](args)
     except UserError as e:

@@ -52,7 +52,7 @@ def check_run_dir(run_dir: Path) -> None:
     try:
         st = os.stat(run_dir)
     except FileNotFoundError:
-        raise UserError(f"run directory {run_dir} does not exist") from None
+        raise UserError(f"{run_dir} is not a diffaccel run directory (it does not exist)") from None
     except OSError as e:
         raise UnreadableError(f"cannot read run directory {run_dir}: {os_reason(e)}") from None
     import stat

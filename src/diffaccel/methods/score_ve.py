@@ -225,7 +225,8 @@ class ScoreVE(Method):
                            help="score-ve ald: Langevin steps per noise level (default 1)")
 
     def sampler_options(self, args: argparse.Namespace) -> dict:
-        sampler = getattr(args, "sampler", None) or "pc"
+        sampler = getattr(args, "sampler", None)
+        sampler = "pc" if sampler is None else sampler  # "" is a value (refused), not "unset"
         self._check_sampler(sampler)
         own = {"pc": ("predictor", "corrector_steps", "snr"), "ald": ("step_lr", "steps_each")}
         other = [k for k in own["ald" if sampler == "pc" else "pc"] if getattr(args, k, None) is not None]
