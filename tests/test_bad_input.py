@@ -431,3 +431,74 @@ def test_score_ve_refuses_an_empty_sampler_name():
 def test_kl_time_steps_zero_is_refused_not_replaced_by_the_default(tmp_path, capsys):
     code, _, err = call([*TRAIN, "--method", "kl", "--time-steps", "0", "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "got 0" in err
+
+
+# --- 2. data files -------------------------------------------------------------------------------------------------
+def _npz_claiming(path: Path, shape: tuple) -> Path:
+    """A valid small .npz whose array header is rewritten to claim ``shape`` (e.g. terabytes)."""
+    import zipfile
+
+    import numpy as np
+
+    np.savez(path, images=np.zeros((2, 8, 8), np.uint8))
+    with zipfile.ZipFile(path) as zf:
+        data = zf.read("images.npy")
+    header_len = int.from_bytes(data[8:10], "little")
+    header = data[10:10 + header_len].decode("latin1").replace("(2, 8, 8)", str(shape))
+    header = header.ljust(header_len - 1) + "\n" if len(header) < header_len else header
+    new = data[:8] + len(header).to_bytes(2, "little") + header.encode("latin1") + data[10 + header_len:]
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("images.npy", new)
+    return path
+
+
+def _idx_file(path: Path, n: int, h: int, w: int, pixels: bytes = b"") -> Path:
+    import struct
+
+    path.write_bytes(struct.pack(">IIII", 0x803, n, h, w) + pixels)
+    return path
+
+
+DATA = {
+    "not-gzip .gz": (lambda t: (t / "train-images-idx3-ubyte.gz").write_bytes(b"plain text, not gzip") and
+                     t / "train-images-idx3-ubyte.gz", "not gzip-compressed"),
+    "corrupt gzip": (lambda t: (t / "x-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00garbage") and
+                     t / "x-idx3-ubyte.gz", "corrupt gzip"),
+    "0x0 idx": (lambda t: _idx_file(t / "z-idx3-ubyte", 5, 0, 0), "at least 1x1"),
+    "0 images idx": (lambda t: _idx_file(t / "n-idx3-ubyte", 0, 8, 8), "at least one image"),
+    "idx claiming terabytes": (lambda t: _idx_file(t / "big-idx3-ubyte", 2**31, 2**15, 2**15, b"\0" * 64),
+                               "cap"),
+    "npz claiming terabytes": (lambda t: _npz_claiming(t / "big.npz", (10**6, 10**6, 1000)), "claims shape"),
+    "text named .npz": (lambda t: (t / "t.npz").write_text("1,2,3\n4,5,6\n") and t / "t.npz", "not a zip archive"),
+    "named pipe": (lambda t: os.mkfifo(t / "p.npz") or t / "p.npz", "named pipe"),
+}
+
+
+@pytest.mark.parametrize("name", list(DATA))
+def test_a_bad_data_file_is_refused_before_training_without_hanging(tmp_path, capsys, name):
+    import time
+
+    make, word = DATA[name]
+    data = make(tmp_path)
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    code, _, err = call([*TRAIN, "--method", "baseline", "--data", str(data), "--out", str(out)], capsys)
+    assert time.perf_counter() - t0 < 10
+    assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_data_file_larger_than_the_memory_cap_is_refused_stating_the_cap(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    path = tmp_path / "ok.npz"
+    np.savez(path, images=np.zeros((64, 8, 8), np.uint8))  # 4 kB of pixels
+    monkeypatch.setenv("DIFFACCEL_MEMORY_LIMIT", "4kB")
+    code, _, err = call([*TRAIN, "--data", str(path), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "cap (half the available memory)" in err and "2.0 KB" in err, err
+
+
+@pytest.mark.parametrize("limit", ["0", "-5"])
+def test_a_data_limit_below_one_is_refused(tmp_path, capsys, limit):
+    code, _, err = call([*TRAIN[:3], *TRAIN[5:], "--data-limit", limit, "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "--data-limit must be >= 1" in err

@@ -492,3 +492,66 @@ def check_extractor(name: str, image_shape, weights_path=None) -> None:
         raise UserError(f"the digits extractor scores 1-channel digit images, these have {image_shape[0]} "
                         "channels; use --extractor effnet")
     cached_extractor(name, "cpu", int(image_shape[-1]), None, str(weights_path) if weights_path else None)
+
+
+# --- memory ------------------------------------------------------------------------------------------------------
+def available_memory() -> int:
+    """Bytes this process may still allocate: $DIFFACCEL_MEMORY_LIMIT if set (tests, shared machines), else the
+    kernel's MemAvailable (plus a cgroup limit when one is lower), else 8 GiB."""
+    env = os.environ.get("DIFFACCEL_MEMORY_LIMIT")
+    if env:
+        try:
+            return int(parse_size(env))
+        except ValueError:
+            raise UserError(f"$DIFFACCEL_MEMORY_LIMIT must be a size such as 4GB or 500MB, got {echo(env, 40)}") \
+                from None
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for cgroup in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(cgroup).read_text().strip()
+            if text.isdigit() and int(text) < 1 << 60:
+                found.append(int(text))
+        except OSError:
+            pass
+    return min(found) if found else 8 << 30
+
+
+def parse_size(text: str) -> float:
+    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1 << 10, "mib": 1 << 20,
+             "gib": 1 << 30, "tib": 1 << 40}
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(number):]
+    if unit not in units or not number:
+        raise ValueError(text)
+    value = float(number) * units[unit]
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def data_cap() -> int:
+    """The most bytes of images a dataset file may hold once decoded: half the available memory (the other half
+    is for the networks, the batches and the float copy of a batch)."""
+    return available_memory() // 2
+
+
+def check_data_size(nbytes: int, path, what: str = "images") -> None:
+    cap = data_cap()
+    if nbytes > cap:
+        raise UserError(f"{path}: {what} would take {human_bytes(nbytes)} in memory, more than the "
+                        f"{human_bytes(cap)} cap (half the available memory)")
