@@ -502,3 +502,145 @@ def test_a_data_file_larger_than_the_memory_cap_is_refused_stating_the_cap(tmp_p
 def test_a_data_limit_below_one_is_refused(tmp_path, capsys, limit):
     code, _, err = call([*TRAIN[:3], *TRAIN[5:], "--data-limit", limit, "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and "--data-limit must be >= 1" in err
+
+
+# --- 3. every numeric flag at its boundaries -----------------------------------------------------------------------
+def _numeric_flags():
+    parser = cli.build_parser()
+    subs = parser._subparsers._group_actions[0].choices
+    found = []
+    for command in ("train", "sample", "eval"):
+        for group in subs[command]._action_groups:
+            method = group.title[len("method "):] if (group.title or "").startswith("method ") else None
+            for action in group._group_actions:
+                if action.option_strings and getattr(action.type, "__name__", "") in ("int", "float", "_eta"):
+                    found.append((command, action.option_strings[0], action.type.__name__, method))
+    return found
+
+
+BOUNDARY = {"int": ["0", "-1", "99999999999"], "float": ["0", "-1", "nan", "inf", "-inf", "1e308"],
+            "_eta": ["nan", "-1", "inf", "2"]}
+
+
+class Reached(BaseException):
+    """Raised where sampling would start: every check before it passed."""
+
+
+@pytest.mark.parametrize("command,flag,kind,method", _numeric_flags(),
+                         ids=[f"{c}{f}" for c, f, _, _ in _numeric_flags()])
+def test_every_numeric_flag_at_its_boundaries_is_refused_in_one_line_or_accepted_as_valid(
+        good_run, tmp_path, capsys, monkeypatch, command, flag, kind, method):
+    import math
+
+    import diffaccel.runs as runs
+    import diffaccel.train as train_module
+
+    accepted = []
+
+    def fake_train(cfg, m, resume=False, callback=None, **_):
+        cfg.validate()
+        accepted.append(cfg)
+        return Path(cfg.out)
+
+    def reached(*_a, **_k):
+        raise Reached
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    monkeypatch.setattr(runs, "load_run", reached)
+    for value in BOUNDARY[kind]:
+        if command == "train":
+            argv = [*TRAIN, "--method", method or "baseline", "--out", str(tmp_path / "run"), flag, value]
+            if flag in ("--eval-n", "--extractor"):
+                argv += ["--eval-every", "1"]
+        else:
+            argv = [command, str(good_run), "--device", "cpu", flag, value]
+        try:
+            code, out, err = call(argv, capsys)
+        except Reached:
+            capsys.readouterr()
+            code, out, err = 0, "", ""
+        assert code in (0, 2), (flag, value, err[-800:])
+        assert "Traceback" not in out + err, (flag, value, err[-800:])
+        if code == 2:
+            assert len(err.strip().splitlines()) == 1 and flag in err, (flag, value, err)
+        elif kind != "int":
+            assert math.isfinite(float(value)), f"{flag} {value} was accepted"
+    for cfg in accepted:
+        assert all(math.isfinite(v) for v in vars(cfg).values() if isinstance(v, float))
+        assert cfg.batch_size >= 1 and cfg.steps >= 1
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "99999999999"])
+def test_numeric_values_in_a_config_file_follow_the_same_bounds(tmp_path, capsys, value):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"seed: {value}\n")
+    code, _, err = call([*TRAIN, "--config", str(config), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "seed" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("net_config,word", [('{"foo": 1}', "unexpected keyword argument 'foo'"),
+                                             ("[16, 32]", "must be a JSON object"),
+                                             ('{"block_out_channels": [-16, 32]}', ">= 0"),
+                                             ('{"block_out_channels": [16, 0]}', "widths must be >= 1"),
+                                             ('{"norm_num_groups": 7}', "divisible"),
+                                             ('{"layers_per_block": 0}', "fails on its first batch"),
+                                             ('{"block_out_channels": [1e400, 1]}', "finite")])
+def test_a_bad_net_config_is_one_line_and_leaves_no_run_directory(tmp_path, capsys, net_config, word):
+    out = tmp_path / "run"
+    code, _, err = call([*TRAIN[:7], "--batch-size", "8", "--steps", "1", "--device", "cpu",
+                         "--net-config", net_config, "--out", str(out)], capsys)
+    assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+# --- 5. resources ----------------------------------------------------------------------------------------------------
+def test_the_preflight_check_refuses_a_configuration_above_the_memory_limit_before_allocating(tmp_path, capsys,
+                                                                                          monkeypatch):
+    import time
+
+    monkeypatch.setenv("DIFFACCEL_MEMORY_LIMIT", "20MB")
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    code, _, err = call([*TRAIN, "--method", "kl", "--kl-terms", "64", "--batch-size", "512", "--out", str(out)],
+                        capsys)
+    assert time.perf_counter() - t0 < 10
+    assert code == 2 and "needs about" in err and "more than the 20.0 MB available" in err, err
+    assert "micro-batch of 512" in err and not out.exists()
+    monkeypatch.setenv("DIFFACCEL_MEMORY_LIMIT", "64GB")  # the same run with enough memory goes through
+    code, _, err = call([*TRAIN, "--method", "kl", "--kl-terms", "2", "--out", str(out)], capsys)
+    assert code == 0, err
+
+
+def test_the_estimate_grows_with_the_batch_and_the_kl_terms():
+    from diffaccel.methods.kl import KLDiffusion
+    from diffaccel.validation import preflight
+
+    net = {"preset": "tiny", "overrides": NET}
+    small = preflight(KLDiffusion(M=2, N=10), net, (1, 8, 8), 4)
+    wide = preflight(KLDiffusion(M=8, N=10), net, (1, 8, 8), 4)
+    big = preflight(KLDiffusion(M=2, N=10), net, (1, 8, 8), 16)
+    assert small["parameters"] == wide["parameters"] > 0
+    assert wide["activation_bytes"] == pytest.approx(4 * small["activation_bytes"], rel=0.05)  # M network calls
+    assert big["activation_bytes"] == pytest.approx(4 * small["activation_bytes"], rel=0.05)
+    assert small["estimate_bytes"] == 5 * small["parameter_bytes"] + 2 * small["activation_bytes"]
+
+
+@pytest.mark.parametrize("where", ["config", "net_config"])
+def test_a_yaml_bomb_is_refused_quickly_with_a_short_message(tmp_path, capsys, where):
+    import time
+
+    text = BOMB if where == "config" else "net_config:\n" + "".join("  " + line + "\n" for line in
+                                                                    BOMB.splitlines())
+    config = tmp_path / "bomb.yaml"
+    config.write_text(text)
+    t0 = time.perf_counter()
+    code, _, err = call([*TRAIN, "--config", str(config), "--out", str(tmp_path / "run")], capsys)
+    assert time.perf_counter() - t0 < 3
+    assert code == 2 and "aliases" in err and len(err) < 400, err
+
+
+def test_a_huge_value_is_echoed_cut_short(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: [" + ", ".join(["x" * 50] * 2000) + "]\n")
+    code, _, err = call([*TRAIN, "--config", str(config), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and len(err) < 1100, len(err)

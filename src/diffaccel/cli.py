@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -37,6 +38,57 @@ class _SharedFlags:
     def __getattr__(self, name):
         return getattr(self.group, name)
 
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (the usage is one `--help` away), exit status 2."""
+
+    def error(self, message: str):
+        from diffaccel.validation import clip
+
+        for action in self._actions:  # "argument --x: --x must be ..." reads better as "--x must be ..."
+            for flag in action.option_strings:
+                message = message.replace(f"argument {flag}: {flag} ", f"{flag} ")
+        self.exit(2, f"diffaccel: error: {clip(message, 300)} (see `{self.prog} --help`)\n")
+
+
+# numeric flags: floats must be finite, and every number lies in [low, high] (defaults: [0, 2**31 - 1]); a
+# method or the trainer may check tighter bounds with their own messages
+INT_MAX = 2**31 - 1
+BOUNDS: dict[str, tuple[float, float] | None] = {
+    "seed": (0, 2**32 - 1), "batch_size": (0, 1 << 16), "n": (0, 10**7), "eval_n": (0, 10**7),
+    "resolution": (0, 4096), "kl_terms": (0, 1024), "kl_partial": (0, 1024), "latent_channels": (0, 1024),
+    "nz": (0, 1 << 14), "corrector_steps": (0, 1000), "steps_each": (0, 1000), "seeds": (0, 1000),
+    "images": (0, 10**6), "steps_T": (0, 1000), "num_scales": (0, 10**6), "time_steps": (0, 10**6),
+    # checked by the trainer / loader with their own messages
+    "lr": None, "data_limit": None,
+}
+
+
+def _bounded(action: argparse.Action):
+    kind, flag, dest = action.type, action.option_strings[0], action.dest
+    low, high = BOUNDS.get(dest, (0, INT_MAX if kind is int else math.inf))
+
+    def convert(text):
+        value = kind(text)  # argparse turns a ValueError into "invalid int value"
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{flag} must be a finite number, got {text}")
+        if not low <= value <= high:
+            bound = f">= {low}" if high in (math.inf, INT_MAX) else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"{flag} must be {bound}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its own messages
+    return convert
+
+
+def _bound_numeric_flags(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _bound_numeric_flags(sub)
+        elif action.type in (int, float) and action.option_strings and BOUNDS.get(action.dest, ()) is not None:
+            action.type = _bounded(action)
 
 
 def _eta(text: str) -> float:
@@ -169,7 +221,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffaccel", description="Faster diffusion models: KL diffusion, DVDP, "
+    parser = _Parser(prog="diffaccel", description="Faster diffusion models: KL diffusion, DVDP, "
                                      "LDDGAN and PDS on one core.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pds-filter", help="compute PDS frequency/space filters from data", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
+    _bound_numeric_flags(parser)
     return parser
 
 
@@ -230,20 +283,18 @@ def _device(name: str):
 
 
 def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    import yaml
+    from diffaccel.validation import echo, load_yaml, read_text
 
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
-        try:
-            values = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read --config {args.config}: {e}") from None
+        # bounded: a file of at most 1 MB whose aliases expand to at most 20,000 values
+        values = load_yaml(read_text(args.config, "--config"), f"--config {args.config}") or {}
         if not isinstance(values, dict):
             raise UserError(f"--config {args.config} must hold a mapping of flag names to values")
         known = set(vars(args))
-        unknown = sorted(str(k) for k in values if not isinstance(k, str) or k.replace("-", "_") not in known)
+        unknown = sorted(str(k)[:40] for k in values if not isinstance(k, str) or k.replace("-", "_") not in known)
         if unknown:
-            raise UserError(f"--config {args.config}: unknown settings {unknown}")
+            raise UserError(f"--config {args.config}: unknown settings {echo(unknown)}")
         train_parser = parser._subparsers._group_actions[0].choices["train"]
         actions = {a.dest: a for a in train_parser._actions}
         train_parser.set_defaults(**{k.replace("-", "_"): _config_value(actions.get(k.replace("-", "_")), k, v,
@@ -258,29 +309,31 @@ def _config_value(action, key: str, value, source):
     if action is None or not action.option_strings:  # e.g. "command": nothing to convert
         return value
 
+    from diffaccel.validation import clip, echo
+
     def bad(why: str) -> UserError:
         return UserError(f"--config {source}: {key}: {why}")
 
     if value is None:
         if action.default is None:
             return None
-        raise bad(f"needs a value (default {action.default!r})")
+        raise bad(f"needs a value (default {echo(action.default)})")
     if action.nargs == 0:  # on/off flags such as --hflip
         if not isinstance(value, bool):
-            raise bad(f"must be true or false, got {value!r}")
+            raise bad(f"must be true or false, got {echo(value)}")
         return value
     if isinstance(value, dict) and action.dest == "net_config":
         value = json.dumps(value)  # a YAML mapping is the JSON text the flag takes
     if isinstance(value, list) and all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value):
         value = ",".join(str(v) for v in value)  # a YAML list is the comma-separated text the flag takes
     if not isinstance(value, (str, int, float)):
-        raise bad(f"expected a single value, got {value!r}")
+        raise bad(f"expected a single value, got {echo(value)}")
     try:
         converted = (action.type or str)(str(value))
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-        raise bad(f"invalid value {value!r} ({e})") from None
+        raise bad(f"invalid value {echo(value)} ({clip(e)})") from None
     if action.choices is not None and converted not in action.choices:
-        raise bad(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        raise bad(f"must be one of {', '.join(map(str, action.choices))}, got {echo(value)}")
     return converted
 
 
@@ -411,8 +464,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     shape = tuple(read_config(args.run_dir)["image_shape"])
     _check_sampling_flags(args)
+    from diffaccel.validation import available_memory, human_bytes
+
+    need = args.n * math.prod(shape) * 4 * 2  # the float samples, and their uint8 grid
+    if need > available_memory():
+        raise UserError(f"--n {args.n} samples of shape {shape} need about {human_bytes(need)} of memory, more than "
+                        f"the {human_bytes(available_memory())} available; draw fewer at a time")
     out = args.out or args.run_dir / "samples" / f"sample-{time.strftime('%Y%m%d-%H%M%S')}.png"
     check_output_file(out, "--out")  # outputs are checked before sampling: a refusal leaves nothing behind
     if args.save_images:
@@ -564,7 +625,8 @@ def main(argv: list[str] | None = None) -> None:
         {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info,
          "doctor": cmd_doctor, "train-extractor": cmd_train_extractor}[args.command](args)
     except UserError as e:
-        print(f"diffaccel: error: {e}", file=sys.stderr)
+        message = str(e)  # capped: a value echoed into a message never floods the terminal
+        print(f"diffaccel: error: {message if len(message) <= 1000 else message[:999] + '…'}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("diffaccel: interrupted", file=sys.stderr)

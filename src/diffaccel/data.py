@@ -325,6 +325,11 @@ def load_dataset(spec: str, resolution: int | None = None, channels: int | None 
             images = _folder(path, resolution)
             if limit is not None:
                 images = images[:limit]
+            if resolution is not None:
+                from diffaccel.validation import check_data_size
+
+                check_data_size(len(images) * 3 * resolution * resolution, path, f"{len(images)} images resized to "
+                                f"--resolution {resolution}")
             chans = max(im.ndim == 3 and im.shape[-1] or 1 for im in images)
             tensors = []
             for im in images:
@@ -349,6 +354,10 @@ def load_dataset(spec: str, resolution: int | None = None, channels: int | None 
     elif limit is not None:
         images = images[:limit]
     if resolution is not None:
+        from diffaccel.validation import check_data_size
+
+        check_data_size(len(images) * images.shape[1] * resolution * resolution * 5, spec,  # (float resize)
+                        f"{len(images)} images resized to --resolution {resolution}")
         images = _resize(images, resolution)
     images = _set_channels(images, channels, spec)
     return ImageDataset(images, name=spec, hflip=hflip)

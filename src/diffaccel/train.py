@@ -27,7 +27,7 @@ from diffaccel.data import ImageDataset, load_dataset, save_grid
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method
 from diffaccel.runs import append_metrics, read_config, truncate_metrics, write_config
-from diffaccel.validation import check_state_fits
+from diffaccel.validation import build_networks_checked, check_state_fits, preflight
 
 
 @dataclass
@@ -66,6 +66,8 @@ class TrainConfig:
             (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.data_limit is None or self.data_limit >= 1,
+             f"--data-limit must be >= 1 (the number of images to use), got {self.data_limit}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (self.grad_accum <= self.batch_size, f"--grad-accum {self.grad_accum} is larger than --batch-size "
                                                  f"{self.batch_size}: each micro-batch needs at least one image"),
@@ -177,7 +179,11 @@ class Trainer:
             cfg.data, cfg.resolution, cfg.channels, cfg.hflip, cfg.data_limit)
         self.image_shape = dataset.shape
         self.dataset = method.prepare(dataset, acc.device)
-        self.nets = method.build_networks(cfg.net, self.dataset.shape)
+        if not resume:  # memory estimated (and the configuration run once on shapes alone) before allocating
+            method.on_train_start(cfg.steps)
+            micro = math.ceil(cfg.batch_size / acc.num_processes / cfg.grad_accum)
+            self.preflight = preflight(method, cfg.net, self.dataset.shape, micro, acc.device)
+        self.nets = build_networks_checked(method, cfg.net, self.dataset.shape)  # bad --net-config: one line
         if cfg.init_from and not resume:
             method.initialize(self.nets, Path(cfg.init_from))
         self.phases = method.phases()

@@ -555,3 +555,73 @@ def check_data_size(nbytes: int, path, what: str = "images") -> None:
     if nbytes > cap:
         raise UserError(f"{path}: {what} would take {human_bytes(nbytes)} in memory, more than the "
                         f"{human_bytes(cap)} cap (half the available memory)")
+
+
+# --- the pre-flight check: a configuration's memory, estimated before anything is allocated -------------------
+def _is_meta_limitation(e: Exception) -> bool:
+    """True when an error is the meta device's (an op without a shape-only kernel), not the configuration's."""
+    text = str(e).lower()
+    return isinstance(e, NotImplementedError) or "meta" in text
+
+
+def preflight(method, net_cfg: dict, image_shape, micro_batch: int, device=None) -> dict:
+    """Estimate the memory one training step of this configuration takes, before allocating any of it.
+
+    The networks are built on PyTorch's ``meta`` device (shapes only, no storage) and every phase's loss is run
+    once on a meta batch of ``micro_batch`` images, with forward hooks summing the bytes of every module output:
+    the activations kept for the backward pass, which for KL diffusion include its M network calls. The estimate
+    is ``5 × parameter bytes`` (weights, gradients, two AdamW moments, the EMA copy) ``+ 2 × activation bytes``
+    (kept activations and their gradients). A loss the meta device cannot run (an op without a shape-only
+    kernel) leaves the activation part unknown, and the check falls back to the parameters alone.
+
+    A configuration that cannot even run on the meta batch (a shape mismatch from --net-config) is refused here,
+    with the error, before a run directory exists; one whose estimate exceeds :func:`available_memory` (the GPU's
+    free memory on CUDA) is refused with the estimate. Returns ``{"parameters", "parameter_bytes",
+    "activation_bytes", "estimate_bytes", "available_bytes"}``.
+    """
+    import torch
+
+    with torch.device("meta"):
+        nets = build_networks_checked(method, net_cfg, tuple(image_shape))
+    parameters = sum(p.numel() for net in nets.values() for p in net.parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for net in nets.values() for p in net.parameters())
+    activation = [0]
+
+    def hook(_module, _inputs, output):
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                activation[0] += t.numel() * t.element_size()
+
+    handles = [m.register_forward_hook(hook) for net in nets.values() for m in net.modules()]
+    activation_bytes = None
+    try:
+        x0 = torch.zeros(micro_batch, *tuple(image_shape), device="meta")
+        for phase in method.phases():
+            phase.loss_fn(nets, x0, 0)
+        activation_bytes = activation[0]
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - either a limitation of the meta device or a broken configuration
+        if not _is_meta_limitation(e):
+            raise UserError(f"this configuration fails on its first batch, before any training "
+                            f"({type(e).__name__}: {clip(e)}); check --net-config and the method's settings") \
+                from None
+    finally:
+        for h in handles:
+            h.remove()
+    estimate = 5 * parameter_bytes + 2 * (activation_bytes or 0)
+    if os.environ.get("DIFFACCEL_MEMORY_LIMIT") is None and device is not None and \
+            getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        available, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
+    else:
+        available, where = available_memory(), "available"
+    report = {"parameters": parameters, "parameter_bytes": parameter_bytes, "activation_bytes": activation_bytes,
+              "estimate_bytes": estimate, "available_bytes": available}
+    if estimate > available:
+        acts = (f"{human_bytes(2 * activation_bytes)} for the activations of a micro-batch of {micro_batch}"
+                if activation_bytes is not None else "activations not estimated")
+        raise UserError(f"this configuration needs about {human_bytes(estimate)} of memory "
+                        f"({parameters:,} parameters: {human_bytes(5 * parameter_bytes)} with gradients, optimiser "
+                        f"and EMA; {acts}), more than the {human_bytes(available)} {where}; use a smaller "
+                        "--batch-size (or --grad-accum), --preset, --resolution or method setting")
+    return report

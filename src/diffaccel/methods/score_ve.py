@@ -53,7 +53,7 @@ class ScoreVE(Method):
         if num_scales < 1:
             raise UserError(f"--num-scales must be >= 1, got {num_scales}")
         if sigma_max is not None and not 0 < sigma_min < sigma_max:
-            raise UserError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+            raise UserError(f"--sigma-max must exceed sigma_min = {sigma_min} (need 0 < sigma_min < sigma_max), got {sigma_max}")
         self.sigma_min, self.sigma_max, self.num_scales = float(sigma_min), sigma_max, int(num_scales)
         # the data spec is kept so that PDS can build its filters from the training data at sampling time
         self.data, self.resolution, self.channels = data, resolution, channels
