@@ -644,3 +644,12 @@ def test_a_huge_value_is_echoed_cut_short(tmp_path, capsys):
     config.write_text("lr: [" + ", ".join(["x" * 50] * 2000) + "]\n")
     code, _, err = call([*TRAIN, "--config", str(config), "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and len(err) < 1100, len(err)
+
+
+def test_an_empty_out_and_a_missing_checkpoint_folder_are_named(good_run, tmp_path, capsys):
+    code, _, err = call([*TRAIN, "--out", ""], capsys)
+    assert code == 2 and "--out is empty" in err
+    code, _, err = call(["sample", str(good_run), "--checkpoint", str(tmp_path / "nope"), "--n", "1"], capsys)
+    assert code == 2 and "does not exist" in err
+    code, _, err = call([*TRAIN, "--method", "score-ve", "--sigma-max", "1e300", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--sigma-max must be in [0, 100000]" in err

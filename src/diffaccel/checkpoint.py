@@ -128,6 +128,9 @@ def verify(ckpt: Path) -> dict:
     from diffaccel.validation import MAX_CONFIG_BYTES, UnreadableError, check_meta, os_reason, read_text
 
     meta_path = ckpt / "meta.json"
+    if not os.path.isdir(ckpt):
+        what = "does not exist" if not os.path.lexists(ckpt) else "is not a checkpoint folder"
+        raise UserError(f"checkpoint {ckpt} {what} (a checkpoint is a folder checkpoints/step_N of a run)")
     try:
         text = read_text(meta_path, "checkpoint file", MAX_CONFIG_BYTES)
         meta = check_meta(json.loads(text), "meta.json", FILES)

@@ -55,26 +55,27 @@ class _Parser(argparse.ArgumentParser):
 # numeric flags: floats must be finite, and every number lies in [low, high] (defaults: [0, 2**31 - 1]); a
 # method or the trainer may check tighter bounds with their own messages
 INT_MAX = 2**31 - 1
+FLOAT_MAX = 1e30  # far below float32's 3.4e38, so that a value and its square stay representable in the tensors
 BOUNDS: dict[str, tuple[float, float] | None] = {
     "seed": (0, 2**32 - 1), "batch_size": (0, 1 << 16), "n": (0, 10**7), "eval_n": (0, 10**7),
     "resolution": (0, 4096), "kl_terms": (0, 1024), "kl_partial": (0, 1024), "latent_channels": (0, 1024),
     "nz": (0, 1 << 14), "corrector_steps": (0, 1000), "steps_each": (0, 1000), "seeds": (0, 1000),
     "images": (0, 10**6), "steps_T": (0, 1000), "num_scales": (0, 10**6), "time_steps": (0, 10**6),
     # checked by the trainer / loader with their own messages
-    "lr": None, "data_limit": None,
+    "sigma_max": (0, 1e5), "lr": None, "data_limit": None,
 }
 
 
 def _bounded(action: argparse.Action):
     kind, flag, dest = action.type, action.option_strings[0], action.dest
-    low, high = BOUNDS.get(dest, (0, INT_MAX if kind is int else math.inf))
+    low, high = BOUNDS.get(dest, (0, INT_MAX if kind is int else FLOAT_MAX))
 
     def convert(text):
         value = kind(text)  # argparse turns a ValueError into "invalid int value"
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{flag} must be a finite number, got {text}")
         if not low <= value <= high:
-            bound = f">= {low}" if high in (math.inf, INT_MAX) else f"in [{low}, {high}]"
+            bound = f">= {low}" if high == INT_MAX else f"in [{low}, {high:g}]"
             raise argparse.ArgumentTypeError(f"{flag} must be {bound}, got {text}")
         return value
 
@@ -344,6 +345,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from diffaccel.validation import build_method_checked
 
     given = getattr(args, "given", set())
+    if args.out is not None and not str(args.out).strip():
+        raise UserError("--out is empty; give a run directory (or leave --out out for runs/<method>-<time>)")
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out RUN_DIR")
