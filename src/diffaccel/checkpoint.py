@@ -110,51 +110,91 @@ def save_checkpoint(ckpt_root: Path, step: int, meta: dict, weights: dict[str, t
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Finished checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
-    if not ckpt_root.is_dir():
+    from diffaccel.validation import is_dir, list_dir
+
+    if not is_dir(ckpt_root, "checkpoint folder"):
+        if os.path.lexists(ckpt_root) and not os.path.isdir(ckpt_root):
+            raise UserError(f"{ckpt_root} is a file, not a folder of checkpoints")
         return []
-    return sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    return [p for p in list_dir(ckpt_root, "checkpoint folder")
+            if p.name.startswith("step_") and is_dir(p, "checkpoint")]
 
 
 def verify(ckpt: Path) -> dict:
-    """The checkpoint's meta if every file is present and matches its checksum; UserError naming the file if not."""
+    """The checkpoint's meta if every file is present and matches its checksum; UserError naming the file if not.
+
+    A file the system will not let us read raises :class:`~diffaccel.validation.UnreadableError` (not a reason to
+    fall back to an older checkpoint)."""
+    from diffaccel.validation import MAX_CONFIG_BYTES, UnreadableError, check_meta, os_reason, read_text
+
     meta_path = ckpt / "meta.json"
+    if not os.path.isdir(ckpt):
+        what = "does not exist" if not os.path.lexists(ckpt) else "is not a checkpoint folder"
+        raise UserError(f"checkpoint {ckpt} {what} (a checkpoint is a folder checkpoints/step_N of a run)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
+        text = read_text(meta_path, "checkpoint file", MAX_CONFIG_BYTES)
+        meta = check_meta(json.loads(text), "meta.json", FILES)
+    except UnreadableError as e:
+        if isinstance(e.__context__, FileNotFoundError) or not os.path.lexists(meta_path):
+            raise UserError(f"checkpoint {ckpt} is unreadable: {meta_path.name}: it is missing") from None
+        raise
+    except ValueError as e:
         raise UserError(f"checkpoint {ckpt} is unreadable: {meta_path.name}: {e}") from None
+    except UserError as e:
+        raise UserError(f"checkpoint {ckpt} is unreadable: {e}") from None
     for f in FILES:
         path = ckpt / f
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise UserError(f"checkpoint {ckpt} is incomplete: {f} is missing")
-        if _sha256(path) != meta.get("sha256", {}).get(f):
+        try:
+            if not path.is_file():
+                raise UserError(f"checkpoint {ckpt}: {f} is not a regular file")
+            digest = _sha256(path)
+        except OSError as e:
+            raise UnreadableError(f"cannot read checkpoint file {path}: {os_reason(e)}") from None
+        if digest != meta["sha256"][f]:
             raise UserError(f"checkpoint file {path} is corrupted or truncated (checksum mismatch)")
     return meta
 
 
 def load_checkpoint(ckpt: Path, map_location="cpu") -> tuple[dict, dict, dict, dict]:
-    """(meta, weights, ema, state) of a verified checkpoint; state is loaded with ``weights_only=True``."""
+    """(meta, weights, ema, state) of a verified checkpoint; state is loaded with ``weights_only=True`` and
+    checked against the state schema."""
+    from diffaccel.validation import check_state
+
     meta = verify(ckpt)
     try:
         weights = load_file(ckpt / "weights.safetensors", device=str(map_location))
         ema = load_file(ckpt / "ema.safetensors", device=str(map_location))
     except (SafetensorError, RuntimeError, OSError, EOFError) as e:
         raise UserError(f"checkpoint {ckpt} cannot be loaded: {e}") from None
+    path = ckpt / "state.pt"
     try:
-        state = torch.load(ckpt / "state.pt", map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refused a global: the file would run code when unpickled
-        raise UserError(f"checkpoint file {ckpt / 'state.pt'} holds objects other than tensors and plain "
-                        "containers; refusing to unpickle it (it could run arbitrary code)") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise UserError(f"checkpoint file {ckpt / 'state.pt'} cannot be loaded: {e}") from None
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            # weights_only refused a global: the file would run code when unpickled
+            raise UserError(f"checkpoint file {path} holds objects other than tensors and plain "
+                            "containers; refusing to unpickle it (it could run arbitrary code)") from None
+        raise UserError(f"checkpoint file {path} is not a torch state file (its bytes do not unpickle)") from None
+    except (RuntimeError, OSError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            UnicodeDecodeError, OverflowError, MemoryError) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UserError(f"checkpoint file {path} cannot be loaded: {reason}") from None
+    check_state(state, path)
     return meta, weights, ema, state
 
 
 def latest_valid(ckpt_root: Path, log=print) -> Path | None:
     """The newest checkpoint that verifies; broken newer ones are reported and skipped."""
+    from diffaccel.validation import UnreadableError
+
     for ckpt in reversed(list_checkpoints(ckpt_root)):
         try:
             verify(ckpt)
             return ckpt
+        except UnreadableError:  # permission, symlink loop: the user must fix it, an older one is no answer
+            raise
         except UserError as e:
             log(f"warning: {e}; falling back to the previous checkpoint")
     return None

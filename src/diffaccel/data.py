@@ -7,9 +7,12 @@ batches a single indexing operation and the data order an exact function of the 
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import pickle
 import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +133,8 @@ def _read_image(path: Path) -> np.ndarray:
             im.load()
             mode = "L" if im.mode in ("L", "1", "I;16", "I", "F") else "RGB"
             return np.asarray(im.convert(mode))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {str(e)[:200]}") from None
 
 
 def _folder(path: Path, resolution: int | None) -> list[np.ndarray]:
@@ -147,18 +150,42 @@ def _folder(path: Path, resolution: int | None) -> list[np.ndarray]:
     return images
 
 
+def _npz_header(path: Path, member: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype an .npy member declares, read from its header alone (nothing allocated yet)."""
+    with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return tuple(int(d) for d in shape), dtype
+
+
 def _npz(path: Path) -> np.ndarray:
+    from diffaccel.validation import check_data_size, echo, human_bytes
+
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise UserError(f"{path} is not an .npz file: not a zip archive (it starts with {echo(head, 30)}); "
+                        "save arrays with numpy.savez")
     try:
+        with zipfile.ZipFile(path) as zf:
+            members = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
+        if not members:
+            raise UserError(f"{path} holds no arrays")
+        key = next((k for k in ("images", "x", "arr_0", "data") if k in members), next(iter(members)))
+        shape, dtype = _npz_header(path, members[key])
+        nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        if nbytes > members[key].file_size:  # a header may claim terabytes: believe the bytes, not the header
+            raise UserError(f"{path}: array {key!r} claims shape {echo(shape, 60)} ({human_bytes(nbytes)}) but the "
+                            f"archive holds {human_bytes(members[key].file_size)} for it; the file is damaged")
+        check_data_size(nbytes, path, f"array {key!r}")
         with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            if not keys:
-                raise UserError(f"{path} holds no arrays")
-            key = next((k for k in ("images", "x", "arr_0", "data") if k in keys), keys[0])
             x = z[key]
-    except (ValueError, OSError, EOFError, KeyError) as e:
-        if isinstance(e, UserError):
-            raise
-        raise UserError(f"cannot read .npz file {path}: {e}") from None
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, TypeError,
+            NotImplementedError) as e:
+        raise UserError(f"cannot read .npz file {path}: {str(e)[:160]}") from None
     if x.dtype.kind not in "uif":
         raise UserError(f"{path}: array {key!r} has dtype {x.dtype}, expected numbers")
     if x.size == 0:
@@ -202,9 +229,12 @@ def _cifar10(path: Path) -> np.ndarray:
     if not files:
         raise UserError(f"{path} looks like a CIFAR-10 folder but holds no data_batch_* files")
     arrays = []
+    from diffaccel.validation import data_cap, read_bytes
+
     for f in files:
+        raw = read_bytes(f, "CIFAR-10 batch", data_cap())  # a regular file of bounded size (no pipe, no bomb)
         try:
-            with open(f, "rb") as fh:
+            with io.BytesIO(raw) as fh:
                 batch = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
             arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         except Exception as e:  # any corruption of a batch file is the user's file, not our bug
@@ -213,14 +243,30 @@ def _cifar10(path: Path) -> np.ndarray:
 
 
 def _idx(path: Path) -> np.ndarray:
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
+    from diffaccel.validation import check_data_size, data_cap, human_bytes, read_bytes
+
+    cap = data_cap()
+    raw = read_bytes(path, "dataset file", cap)
+    if path.suffix == ".gz" or raw[:2] == b"\x1f\x8b":
+        if raw[:2] != b"\x1f\x8b":
+            raise UserError(f"{path} is named .gz but is not gzip-compressed (no gzip magic bytes)")
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                raw = f.read(cap + 1)  # bounded: a small gzip may expand without end
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{path}: corrupt gzip data ({str(e)[:100]})") from None
+        if len(raw) > cap:
+            raise UserError(f"{path} decompresses to more than the {human_bytes(cap)} cap (half the available "
+                            "memory)")
     if len(raw) < 16:
         raise UserError(f"{path} is too short to be an MNIST idx image file")
     magic, n, h, w = struct.unpack(">IIII", raw[:16])
     if magic != 0x00000803:
         raise UserError(f"{path}: bad idx magic number {magic:#x} (expected 0x803 for uint8 images)")
+    if n < 1 or h < 1 or w < 1:
+        raise UserError(f"{path}: the idx header declares {n} images of {h}x{w} pixels; need at least one image "
+                        "of at least 1x1")
+    check_data_size(n * h * w, path)
     if len(raw) != 16 + n * h * w:
         raise UserError(f"{path}: truncated idx file ({len(raw) - 16} bytes of pixels, expected {n * h * w})")
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, 1, h, w).copy()
@@ -251,6 +297,8 @@ def load_dataset(spec: str, resolution: int | None = None, channels: int | None 
         raise UserError(f"--resolution must be positive, got {resolution}")
     if channels not in (None, 1, 3):
         raise UserError(f"--channels must be 1 or 3, got {channels}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--data-limit must be >= 1 (the number of images to use), got {limit}")
     if spec == "mnist5k":
         x = _mnist5k()
     elif spec == "digits":
@@ -260,12 +308,28 @@ def load_dataset(spec: str, resolution: int | None = None, channels: int | None 
         if not path.exists():
             raise UserError(f"dataset not found: {spec!r} is neither a bundled dataset "
                             f"({', '.join(BUNDLED)}) nor an existing path")
+        if not path.is_dir():
+            import stat
+
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as e:
+                from diffaccel.validation import os_reason
+
+                raise UserError(f"cannot read dataset {path}: {os_reason(e)}") from None
+            if not stat.S_ISREG(mode):  # a named pipe or device would block the read, or never end
+                raise UserError(f"dataset {path} is not a regular file (a named pipe or device); refusing to read it")
         if path.is_dir() and any(path.glob("data_batch_*")):
             x = _cifar10(path)
         elif path.is_dir():
             images = _folder(path, resolution)
             if limit is not None:
                 images = images[:limit]
+            if resolution is not None:
+                from diffaccel.validation import check_data_size
+
+                check_data_size(len(images) * 3 * resolution * resolution, path, f"{len(images)} images resized to "
+                                f"--resolution {resolution}")
             chans = max(im.ndim == 3 and im.shape[-1] or 1 for im in images)
             tensors = []
             for im in images:
@@ -290,6 +354,10 @@ def load_dataset(spec: str, resolution: int | None = None, channels: int | None 
     elif limit is not None:
         images = images[:limit]
     if resolution is not None:
+        from diffaccel.validation import check_data_size
+
+        check_data_size(len(images) * images.shape[1] * resolution * resolution * 5, spec,  # (float resize)
+                        f"{len(images)} images resized to --resolution {resolution}")
         images = _resize(images, resolution)
     images = _set_channels(images, channels, spec)
     return ImageDataset(images, name=spec, hflip=hflip)
@@ -320,7 +388,11 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, p
     arr = grid.permute(1, 2, 0).numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3]).save(tmp, format="PNG")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    try:
+        Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3]).save(tmp, format="PNG")
+        tmp.replace(path)
+    except BaseException:  # nothing half-written is left beside the target
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -24,13 +24,15 @@ REQUIRED = {"torch", "diffusers", "accelerate", "safetensors", "numpy", "pillow"
 
 class _Report:
     def __init__(self, out: Callable[[str], None]):
-        self.out, self.ok = out, True
+        self.out, self.ok, self.run_problems = out, True, []
 
     def section(self, title: str) -> None:
         self.out(f"\n{title}")
 
-    def line(self, name: str, status: str, detail: str = "", problem: bool = False) -> None:
+    def line(self, name: str, status: str, detail: str = "", problem: bool = False, run: bool = False) -> None:
         self.ok &= not problem
+        if problem and run:
+            self.run_problems.append(f"{name}: {detail}")
         self.out(f"  {name:<33} {status}" + (f"  {detail}" if detail else ""))
 
 
@@ -101,31 +103,36 @@ def _weights(r: _Report) -> None:
 def _run(r: _Report, run_dir: Path) -> None:
     from diffaccel.checkpoint import list_checkpoints, load_checkpoint, load_into
     from diffaccel.runs import read_config
+    from diffaccel.validation import build_method_checked, build_networks_checked
 
     r.section(f"run directory {run_dir}")
     try:
         config = read_config(run_dir)
     except UserError as e:
-        r.line("config.yaml", "BROKEN", str(e), problem=True)
+        r.line("config.yaml", "BROKEN", str(e), problem=True, run=True)
         return
     r.line("config.yaml", "ok", f"method {config['method']}, image shape {config.get('image_shape')}, "
-           f"{config.get('train', {}).get('steps')} steps")
+           f"{config['train'].get('steps')} steps")
     nets = None
     try:
-        from diffaccel.methods import build_method
-
-        method = build_method(config["method"], config.get("method_config"))
-        nets = method.build_networks(config["train"]["net"], tuple(config["image_shape"]))
-    except Exception as e:  # noqa: BLE001 - a config that cannot rebuild its method is what we report
-        r.line("method and networks", "BROKEN", f"cannot rebuild them from config.yaml: {e}", problem=True)
+        method = build_method_checked(config["method"], config.get("method_config"), "config.yaml")
+        nets = build_networks_checked(method, config["train"].get("net", {"preset": "small"}),
+                                      config["image_shape"], "config.yaml: train.net")
+    except UserError as e:
+        r.line("method and networks", "BROKEN", f"cannot rebuild them from config.yaml: {e}", problem=True, run=True)
     root = run_dir / "checkpoints"
-    ckpts = list_checkpoints(root)
-    if not ckpts:
-        r.line("checkpoints", "none yet")
-    leftovers = sorted(p.name for p in root.glob(".*")) if root.is_dir() else []
-    if leftovers:
-        r.line("set-aside folders", "ignored", ", ".join(leftovers) + " (interrupted writes and broken "
-               "checkpoints moved aside by --resume; safe to delete)")
+    try:
+        ckpts = list_checkpoints(root)
+    except UserError as e:
+        r.line("checkpoints", "BROKEN", str(e), problem=True, run=True)
+        ckpts = []
+    else:
+        if not ckpts:
+            r.line("checkpoints", "none yet")
+        leftovers = sorted(p.name for p in root.glob(".*")) if root.is_dir() else []
+        if leftovers:
+            r.line("set-aside folders", "ignored", ", ".join(leftovers) + " (interrupted writes and broken "
+                   "checkpoints moved aside by --resume; safe to delete)")
     for ckpt in ckpts:
         try:
             meta, weights, ema, _ = load_checkpoint(ckpt)
@@ -136,22 +143,30 @@ def _run(r: _Report, run_dir: Path) -> None:
                 load_into({k: nets[k] for k in method.ema_networks}, ema, ckpt / "ema.safetensors")
             r.line(ckpt.name, "ok", f"step {meta.get('step')}")
         except UserError as e:
-            r.line(ckpt.name, "BROKEN", str(e), problem=True)
+            r.line(ckpt.name, "BROKEN", str(e), problem=True, run=True)
     _metrics(r, run_dir)
 
 
 def _metrics(r: _Report, run_dir: Path) -> None:
+    import os
+
+    from diffaccel.validation import MAX_METRICS_BYTES, check_metrics_record, read_bytes
+
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not os.path.lexists(path):
         r.line("metrics.jsonl", "none yet")
         return
-    lines = path.read_text(errors="replace").splitlines()
+    try:
+        lines = read_bytes(path, "metrics file", MAX_METRICS_BYTES).decode("utf-8", errors="replace").splitlines()
+    except UserError as e:
+        r.line("metrics.jsonl", "BROKEN", str(e), problem=True, run=True)
+        return
     bad, steps, skipped, records = [], [], 0, []
     for i, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not an object")
+            if not check_metrics_record(record):
+                raise ValueError("not an object with an integer step")
         except ValueError:
             bad.append(i)
             continue
@@ -162,7 +177,7 @@ def _metrics(r: _Report, run_dir: Path) -> None:
         f", {skipped} non-finite steps skipped" if skipped else "")
     if bad:
         r.line("metrics.jsonl", "PARSE ERRORS", f"lines {bad[:10]}{'…' if len(bad) > 10 else ''}; {detail}",
-               problem=True)
+               problem=True, run=True)
     else:
         r.line("metrics.jsonl", "ok", detail)
     _discriminators(r, records)
@@ -177,14 +192,30 @@ def _discriminators(r: _Report, records: list[dict]) -> None:
         name = f"{prefix or 'gan_'}discriminator"
         if prefix in dead:
             r.line(name, "DEAD", f"|D(real) - D(fake)| = {dead[prefix]:.3g} < {DEAD_GAP} logits over the last "
-                   "records: the generator learns nothing from it", problem=True)
+                   "records: the generator learns nothing from it", problem=True, run=True)
         else:
             last = [g for g in (logit_gap(rec, prefix) for rec in records) if g is not None][-1]
             r.line(name, "alive", f"last D(real) - D(fake) = {last:.3g} logits")
 
 
+def check_is_run(run_dir: Path) -> None:
+    """Refuse, before any report, a path that is not a run directory at all (missing, a file, no config.yaml)."""
+    import os
+
+    from diffaccel.runs import check_run_dir
+
+    check_run_dir(run_dir)
+    if not os.path.lexists(run_dir / "config.yaml"):
+        raise UserError(f"{run_dir} is not a diffaccel run directory (no config.yaml)")
+
+
 def doctor(run_dir: str | Path | None = None, out: Callable[[str], None] = print) -> bool:
-    """Print the diagnosis; True when everything needed is present and the run directory (if any) is intact."""
+    """Print the diagnosis; True when everything needed is present and the run directory (if any) is intact.
+
+    A ``run_dir`` that is not a run directory at all is refused before the report (UserError); problems found
+    inside a run are listed in ``doctor.last_run_problems``."""
+    if run_dir is not None:
+        check_is_run(Path(run_dir))
     r = _Report(out)
     _versions(r)
     _devices(r)
@@ -193,4 +224,8 @@ def doctor(run_dir: str | Path | None = None, out: Callable[[str], None] = print
     if run_dir is not None:
         _run(r, Path(run_dir))
     r.out("\n" + ("everything looks fine" if r.ok else "problems found (marked above)"))
+    doctor.last_run_problems = r.run_problems
     return r.ok
+
+
+doctor.last_run_problems = []

@@ -79,8 +79,11 @@ def features_of(images: torch.Tensor, extractor: str = "effnet", device=None, ba
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(feats, tmp)
-        os.replace(tmp, path)  # atomic: concurrent scorers never read half a file
+        try:
+            torch.save(feats, tmp)
+            os.replace(tmp, path)  # atomic: concurrent scorers never read half a file
+        except (OSError, RuntimeError):  # an unwritable cache only costs the featurisation next time
+            tmp.unlink(missing_ok=True)
     return feats
 
 
@@ -226,17 +229,27 @@ def evaluate_run(run_dir: str | Path, n: int = 10000, sampler_args=None, extract
     from diffaccel.metrics.timing import summarize, time_batches
     from diffaccel.runs import load_run, read_config, write_atomic
 
+    from diffaccel.validation import check_extractor, check_output_file, check_output_folder
+
     if n < 4:
         raise UserError(f"--n must be >= 4 to compute precision/recall (k = 3), got {n}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     run_dir = Path(run_dir)
     config = read_config(run_dir)
+    image_shape = tuple(config["image_shape"])
+    # every input and output is checked before the first image is sampled: a refusal leaves nothing behind
+    weights = inception_weights if extractor == "inception" else None
+    check_extractor(extractor, image_shape, weights)
+    out = Path(out) if out is not None else run_dir / "eval.json"
+    check_output_file(out, "--out")
+    if save_images:
+        check_output_folder(out.parent / f"{out.stem}_samples", "the samples folder")
     device = _default_device() if device is None or (isinstance(device, str) and device == "auto") \
         else torch.device(device)
     method, nets = load_run(run_dir, device, checkpoint=checkpoint)
     net = nets[method.sampling_network].eval()
     options = _sampler_options(method, sampler_args, sampler_options)
-    image_shape = tuple(config["image_shape"])
-    out = Path(out) if out is not None else run_dir / "eval.json"
     reference = reference_dataset(config)
 
     t0 = time.perf_counter()

@@ -49,7 +49,7 @@ def plot_run(run_dir: Path) -> Path | None:
 
 def write_report(run_dir: Path) -> Path:
     """loss.png and report.md: method, settings, last losses and metrics, where the samples are."""
-    config = read_config(run_dir)
+    config = read_config(run_dir, rebuild=False)
     records = read_metrics(run_dir)
     plot = plot_run(run_dir)
     train = config["train"]

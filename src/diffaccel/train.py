@@ -27,6 +27,7 @@ from diffaccel.data import ImageDataset, load_dataset, save_grid
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method
 from diffaccel.runs import append_metrics, read_config, truncate_metrics, write_config
+from diffaccel.validation import build_networks_checked, check_state_fits, preflight
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -71,6 +72,8 @@ class TrainConfig:
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
                                                f"got {self.lr_schedule!r}"),
+            (self.data_limit is None or self.data_limit >= 1,
+             f"--data-limit must be >= 1 (the number of images to use), got {self.data_limit}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (self.grad_accum <= self.batch_size, f"--grad-accum {self.grad_accum} is larger than --batch-size "
                                                  f"{self.batch_size}: each micro-batch needs at least one image"),
@@ -155,11 +158,15 @@ class Trainer:
         cfg.validate()
         self.cfg, self.method, self.callback, self.progress, self.log = cfg, method, callback, progress, log
         self.run_dir = Path(cfg.out)
+        from diffaccel.validation import check_output_folder
+
+        check_output_folder(self.run_dir, "run directory")
         if resume:
             self._check_resumable()
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise UserError(f"run directory {self.run_dir} already exists and is not empty; "
                             "pass --resume to continue it or choose another --out")
+        self._fresh, self._created = not resume, not self.run_dir.exists()  # (a fresh run's folder is empty)
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         from accelerate.state import AcceleratorState
 
@@ -178,7 +185,11 @@ class Trainer:
             cfg.data, cfg.resolution, cfg.channels, cfg.hflip, cfg.data_limit)
         self.image_shape = dataset.shape
         self.dataset = method.prepare(dataset, acc.device)
-        self.nets = method.build_networks(cfg.net, self.dataset.shape)
+        if not resume:  # memory estimated (and the configuration run once on shapes alone) before allocating
+            method.on_train_start(cfg.steps)
+            micro = math.ceil(cfg.batch_size / acc.num_processes / cfg.grad_accum)
+            self.preflight = preflight(method, cfg.net, self.dataset.shape, micro, acc.device)
+        self.nets = build_networks_checked(method, cfg.net, self.dataset.shape)  # bad --net-config: one line
         if cfg.init_from and not resume:
             method.initialize(self.nets, Path(cfg.init_from))
         self.phases = method.phases()
@@ -225,7 +236,7 @@ class Trainer:
                 "model_shape": list(self.dataset.shape), "diffaccel_version": diffaccel.__version__}
 
     def _check_resumable(self) -> None:
-        saved = read_config(self.run_dir)
+        saved = read_config(self.run_dir, rebuild=False)  # the method compared here may be a library user's own
         if saved["method"] != self.method.name:
             raise UserError(f"{self.run_dir} was trained with method {saved['method']!r}, not {self.method.name!r}")
         if saved.get("method_config") != self.method.config():
@@ -235,8 +246,12 @@ class Trainer:
     def _load_latest(self) -> None:
         ckpt = latest_valid(self.run_dir / "checkpoints", log=self.log)
         if ckpt is None:
-            if list_checkpoints(self.run_dir / "checkpoints"):
-                raise UserError(f"no usable checkpoint in {self.run_dir / 'checkpoints'}: every one is broken")
+            found = list_checkpoints(self.run_dir / "checkpoints")
+            if found:
+                from diffaccel.validation import newest_problem
+
+                raise UserError(f"no usable checkpoint in {self.run_dir / 'checkpoints'}: every one is broken "
+                                f"(the newest: {newest_problem(found)})")
             self.log(f"{self.run_dir} has no checkpoint yet: starting from step 0")
             if self.accelerator.is_main_process:  # one writer: ranks replacing the same file would race
                 truncate_metrics(self.run_dir, 0)
@@ -245,17 +260,22 @@ class Trainer:
         if meta.get("method") != self.method.name:
             raise UserError(f"checkpoint {ckpt} is from method {meta.get('method')!r}, not {self.method.name!r}")
         acc = self.accelerator
+        check_state_fits(state, ckpt / "state.pt", self.optimizers, self.ema, len(self.dataset))
         load_into({n: acc.unwrap_model(net) for n, net in self.nets.items()}, weights, ckpt / "weights.safetensors")
         load_into({n: e.module for n, e in self.ema.items()}, ema, ckpt / "ema.safetensors")
-        for name, e in self.ema.items():
-            e.n_averaged.copy_(state["ema_n_averaged"][name])
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-        if state.get("scaler") is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(state["scaler"])
-        self.stream.load(state["data"])
-        self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
-        _set_rng_state(state["rng"][min(acc.process_index, len(state["rng"]) - 1)])
+        try:  # the schema fixed the shapes of the containers; what is inside must still fit these optimisers
+            for name, e in self.ema.items():
+                e.n_averaged.copy_(state["ema_n_averaged"][name])
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+            if state.get("scaler") is not None and acc.scaler is not None:
+                acc.scaler.load_state_dict(state["scaler"])
+            self.stream.load(state["data"])
+            self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
+            _set_rng_state(state["rng"][min(acc.process_index, len(state["rng"]) - 1)])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError, SyntaxError) as e:
+            raise UserError(f"checkpoint file {ckpt / 'state.pt'} does not fit this run "
+                            f"({type(e).__name__}: {str(e)[:120]})") from None
         acc.wait_for_everyone()  # every rank has chosen and read its checkpoint before rank 0 moves any
         truncate_metrics(self.run_dir, self.step) if acc.is_main_process else None
         if acc.is_main_process:  # record the settings the run continues with (e.g. a larger --steps)
@@ -364,8 +384,24 @@ class Trainer:
         save_grid(images, path)
 
     def run(self) -> Path:
-        with self._writes():
-            return self._run()
+        try:
+            with self._writes():
+                return self._run()
+        except UserError:
+            self._forget_unstarted_run()
+            raise
+
+    def _forget_unstarted_run(self) -> None:
+        """A fresh run refused before its first step completed leaves no config-only folder behind (it would
+        block the corrected rerun with "already exists")."""
+        if not (self._fresh and self.step == 0 and self.accelerator.is_main_process) \
+                or list_checkpoints(self.run_dir / "checkpoints"):
+            return
+        if self._created:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        else:  # the user's empty folder stays, empty
+            for child in self.run_dir.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
     def _run(self) -> Path:
         cfg, acc = self.cfg, self.accelerator

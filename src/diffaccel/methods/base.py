@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from diffaccel.errors import UserError
+
 
 @dataclass
 class Phase:
@@ -102,6 +104,13 @@ class Method:
         """Sampler options from the `sample`/`eval` command line (default: the epsilon samplers' flags)."""
         options = {"sampler": args.sampler, "steps": args.steps, "eta": args.eta,
                    "clip_x0": getattr(args, "clip_x0", False) or None}
+        if options["sampler"] is not None and options["sampler"] not in ("ddim", "ddpm"):
+            raise UserError(f"unknown sampler {options['sampler']!r} for {self.name}; choose ddim or ddpm")
+        if options["sampler"] == "ddpm":
+            unused = [f for f in ("steps", "eta") if options[f] is not None]
+            if unused:  # DDPM takes every step of the schedule with the posterior variance: nothing to set
+                raise UserError(" and ".join("--" + f for f in unused) + " not used by --sampler ddpm (it takes "
+                                "every step of the schedule, η = 1); use --sampler ddim to choose them")
         return {k: v for k, v in options.items() if v is not None}  # unset flags keep the method's defaults
 
 

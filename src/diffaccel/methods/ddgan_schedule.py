@@ -85,7 +85,7 @@ def ddgan_schedule(T: int, beta_min: float = 0.1, beta_max: float = 20.0) -> DDG
     """The DDGAN few-step schedule (see the module docstring); T = 4 gives sqrt(alpha_bar) =
     1, 0.72232, 0.28049, 0.05856, 0.00657."""
     if not isinstance(T, int) or T < 1:
-        raise UserError(f"number of diffusion steps T must be an integer >= 1, got {T!r}")
+        raise UserError(f"--steps-T (the number of diffusion steps T) must be an integer >= 1, got {T!r}")
     if T > MAX_STEPS:
         raise UserError(f"DDGAN uses few steps: T must be <= {MAX_STEPS}, got {T}")
     if not 0 <= beta_min < beta_max:

@@ -168,6 +168,8 @@ class DVDP(Method):
         for key in ("step_allocation", "stage_steps"):
             if getattr(args, key, None) is not None:
                 options[key] = getattr(args, key)
+        if options.get("sampler") == "ddpm" and {"step_allocation", "stage_steps"} & set(options):
+            raise UserError("--step-allocation and --stage-steps choose DDIM grids; --sampler ddpm visits every step")
         if "stage_steps" in options:
             if "steps" in options and options["steps"] != sum(options["stage_steps"]):
                 raise UserError(f"--steps {options['steps']} disagrees with --stage-steps, whose sum is "

@@ -154,7 +154,7 @@ class KLDiffusion(EpsilonPDS, Method):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "KLDiffusion":
-        kwargs = dict(M=getattr(args, "kl_terms", 8), N=getattr(args, "time_steps", None) or 20,
+        kwargs = dict(M=getattr(args, "kl_terms", 8), N=20 if getattr(args, "time_steps", None) is None else args.time_steps,
                       partial=getattr(args, "kl_partial", None), variant=getattr(args, "kl_variant", "1st"))
         init_from = getattr(args, "init_from", None)
         if init_from:

@@ -53,7 +53,7 @@ class ScoreVE(Method):
         if num_scales < 1:
             raise UserError(f"--num-scales must be >= 1, got {num_scales}")
         if sigma_max is not None and not 0 < sigma_min < sigma_max:
-            raise UserError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+            raise UserError(f"--sigma-max must exceed sigma_min = {sigma_min} (need 0 < sigma_min < sigma_max), got {sigma_max}")
         self.sigma_min, self.sigma_max, self.num_scales = float(sigma_min), sigma_max, int(num_scales)
         # the data spec is kept so that PDS can build its filters from the training data at sampling time
         self.data, self.resolution, self.channels = data, resolution, channels
@@ -225,7 +225,8 @@ class ScoreVE(Method):
                            help="score-ve ald: Langevin steps per noise level (default 1)")
 
     def sampler_options(self, args: argparse.Namespace) -> dict:
-        sampler = getattr(args, "sampler", None) or "pc"
+        sampler = getattr(args, "sampler", None)
+        sampler = "pc" if sampler is None else sampler  # "" is a value (refused), not "unset"
         self._check_sampler(sampler)
         own = {"pc": ("predictor", "corrector_steps", "snr"), "ald": ("step_lr", "steps_each")}
         other = [k for k in own["ald" if sampler == "pc" else "pc"] if getattr(args, k, None) is not None]
