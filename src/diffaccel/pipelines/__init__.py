@@ -1,0 +1,31 @@
+"""diffusers pipelines for the methods whose sampler is not a standard diffusers one (docs/diffusers.md).
+
+``PIPELINES``: method name -> "module:Class", imported lazily as the method registry is.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from diffaccel.errors import UserError
+
+PIPELINES: dict[str, str] = {
+    "kl": "diffaccel.pipelines.kl:KLPipeline",
+}
+
+
+def __getattr__(name: str):
+    for path in PIPELINES.values():
+        module, cls = path.split(":")
+        if cls == name:
+            return getattr(importlib.import_module(module), cls)
+    raise AttributeError(name)
+
+
+def pipeline_for(config: dict, method, nets):
+    """The pipeline object of a loaded run (``method``, ``nets`` from ``load_run``)."""
+    name = config["method"]
+    if name not in PIPELINES:
+        raise UserError(f"export of {name!r} runs is not supported yet; exportable: baseline, {', '.join(PIPELINES)}")
+    module, cls = PIPELINES[name].split(":")
+    return getattr(importlib.import_module(module), cls).from_run(config, method, nets)

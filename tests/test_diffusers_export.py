@@ -1,0 +1,110 @@
+"""`diffaccel export` and the diffusers pipelines: what diffusers loads must sample what `diffaccel sample` does."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffaccel.cli import main
+from diffaccel.runs import load_run
+
+TINY = ["--data", "digits", "--resolution", "16", "--preset", "tiny", "--batch-size", "4", "--log-every", "1",
+        "--checkpoint-every", "2", "--steps", "2", "--sample-every", "0", "--ema-decay", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for schedule in ("linear", "cosine"):
+        out[schedule] = root / schedule
+        main(["train", "--method", "baseline", "--schedule", schedule, "--time-steps", "50", *TINY,
+              "--out", str(out[schedule])])
+    return out
+
+
+def _ours(run, n, seed, **options):
+    method, nets = load_run(run)
+    with torch.no_grad():
+        x = method.sample(nets["net"], n, (1, 16, 16), generator=torch.Generator().manual_seed(seed),
+                          progress=False, **options)
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def test_time_shift_folds_into_the_embedding_layer():
+    import copy
+
+    from diffaccel.export import shift_time_input
+    from diffaccel.nets.unet import build_unet
+
+    net = build_unet("tiny", 1, 1, 16).eval()
+    unet = copy.deepcopy(net.unet)
+    shift_time_input(unet, 1.0)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0.0, 17.0, 999.0])
+    with torch.no_grad():
+        assert torch.allclose(unet(x, t).sample, net(x, t + 1), atol=1e-5)
+        assert not torch.allclose(unet(x, t).sample, net(x, t), atol=1e-3)  # the shift matters
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_exported_ddim_pipeline_equals_diffaccel_sample(runs, tmp_path, schedule, eta):
+    from diffusers import DDIMPipeline
+
+    out = tmp_path / "exported"
+    main(["export", str(runs[schedule]), str(out)])
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json", "README.md"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files)
+    method, _ = load_run(runs[schedule])
+    betas = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["trained_betas"]
+    assert np.allclose(np.cumprod(1 - np.array(betas)), method.alpha_bars[1:].numpy(), rtol=1e-12)
+    pipe = DDIMPipeline.from_pretrained(out)
+    images = pipe(batch_size=3, generator=torch.Generator().manual_seed(7), num_inference_steps=5, eta=eta,
+                  output_type="np").images
+    ours = _ours(runs[schedule], 3, 7, sampler="ddim", steps=5, eta=eta)
+    assert images.shape == ours.shape == (3, 16, 16, 1)
+    assert np.abs(images - ours).max() < 1e-4
+    other = _ours(runs[schedule], 3, 8, sampler="ddim", steps=5, eta=eta)
+    assert np.abs(images - other).max() > 1e-2  # the comparison can fail
+
+
+def test_exported_folder_runs_as_ddpm_pipeline(runs, tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    out = tmp_path / "exported"
+    main(["export", str(runs["linear"]), str(out)])
+    pipe = DDPMPipeline.from_pretrained(out, scheduler=DDPMScheduler.from_pretrained(out, subfolder="scheduler"))
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=50,
+                  output_type="np").images
+    assert np.abs(images - _ours(runs["linear"], 2, 3, sampler="ddpm")).max() < 1e-4
+
+
+def test_raw_weights_and_model_card(runs, tmp_path):
+    from diffusers import UNet2DModel
+
+    main(["export", "--raw", str(runs["linear"]), str(tmp_path / "raw")])
+    main(["export", str(runs["linear"]), str(tmp_path / "ema")])
+    _, raw = load_run(runs["linear"], ema=False)
+    _, ema = load_run(runs["linear"])
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3.0, 40.0])
+    with torch.no_grad():
+        for name, net in (("raw", raw["net"]), ("ema", ema["net"])):
+            unet = UNet2DModel.from_pretrained(tmp_path / name / "unet")
+            assert torch.allclose(unet(x, t).sample, net(x, t + 1), atol=1e-5)
+        assert not torch.allclose(raw["net"](x, t), ema["net"](x, t), atol=1e-4)
+    card = (tmp_path / "ema" / "README.md").read_text()
+    assert "baseline" in card and "Ho, Jain & Abbeel" in card and "digits" in card and "EMA" in card
+    assert "raw" in (tmp_path / "raw" / "README.md").read_text()
+
+
+def test_export_errors(runs, tmp_path, capsys):
+    for argv, message in ((["export", str(tmp_path), str(tmp_path / "o")], "not a diffaccel run directory"),
+                          (["export", str(runs["linear"]), str(runs["cosine"])], "not an empty folder")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
