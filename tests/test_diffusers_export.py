@@ -108,3 +108,41 @@ def test_export_errors(runs, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+# --- the methods' own pipelines --------------------------------------------------------------------------------
+METHOD_RUNS = {
+    "kl": (["--method", "kl", "--kl-terms", "3", "--time-steps", "20"], "KLPipeline", dict(num_inference_steps=5)),
+    "dvdp": (["--method", "dvdp", "--resolution", "16"], "DVDPPipeline", dict(num_inference_steps=5)),
+    "score-ve": (["--method", "score-ve", "--num-scales", "4"], "ScoreVEPipeline", dict(num_inference_steps=3)),
+}
+
+
+@pytest.mark.parametrize("name", list(METHOD_RUNS))
+def test_method_pipeline_equals_diffaccel_sample(tmp_path, name):
+    import diffaccel.pipelines as pipelines
+
+    flags, cls_name, call = METHOD_RUNS[name]
+    run, out = tmp_path / "run", tmp_path / "exported"
+    main(["train", *TINY, *flags, "--out", str(run)])
+    main(["export", str(run), str(out)])
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == cls_name
+    pipe = getattr(pipelines, cls_name).from_pretrained(out)
+    result = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), output_type="np", **call)
+    method, nets = load_run(run)
+    shape = tuple(pipe.config.image_shape)
+    assert pipe.config.method_config == json.loads(json.dumps(method.config()))  # restored from model_index.json
+    with torch.no_grad():
+        ours = method.sample(nets[method.sampling_network], 2, shape, generator=torch.Generator().manual_seed(5),
+                             progress=False, steps=call["num_inference_steps"])
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert result.images.shape == ours.shape
+    assert np.abs(result.images - ours).max() < 1e-4
+    pt = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), output_type="pt", return_dict=False, **call)[0]
+    assert torch.allclose(pt.permute(0, 2, 3, 1), torch.from_numpy(ours), atol=1e-4)
+    pil = pipe(batch_size=1, generator=torch.Generator().manual_seed(5), **call).images
+    assert pil[0].size == (shape[2], shape[1])
+    saved = tmp_path / "resaved"
+    pipe.save_pretrained(saved)
+    again = getattr(pipelines, cls_name).from_pretrained(saved)
+    assert again.config.method_config == pipe.config.method_config

@@ -11,6 +11,9 @@ from diffaccel.errors import UserError
 
 PIPELINES: dict[str, str] = {
     "kl": "diffaccel.pipelines.kl:KLPipeline",
+    "dvdp": "diffaccel.pipelines.dvdp:DVDPPipeline",
+    "subspace": "diffaccel.pipelines.dvdp:SubspacePipeline",
+    "score-ve": "diffaccel.pipelines.score_ve:ScoreVEPipeline",
 }
 
 
