@@ -146,3 +146,74 @@ def test_method_pipeline_equals_diffaccel_sample(tmp_path, name):
     pipe.save_pretrained(saved)
     again = getattr(pipelines, cls_name).from_pretrained(saved)
     assert again.config.method_config == pipe.config.method_config
+
+
+# --- import: pretrained diffusers models as starting points ----------------------------------------------------
+def _pipeline_folder(tmp_path, name, preset="tiny", size=16, **scheduler):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from diffaccel.nets.unet import build_unet
+
+    torch.manual_seed(11)
+    unet = build_unet(preset, 1, 1, size).unet
+    for p in unet.parameters():  # not the fresh initialisation our run would start from anyway
+        p.data.add_(0.01 * torch.randn_like(p))
+    folder = tmp_path / name
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**scheduler)).save_pretrained(folder)
+    return folder, unet.eval()
+
+
+LINEAR50 = dict(num_train_timesteps=50, beta_schedule="linear", beta_start=1e-4 * 20, beta_end=0.02 * 20)
+FROZEN = [*TINY, "--lr", "1e-30", "--weight-decay", "0"]  # training that leaves the weights where they started
+
+
+def test_baseline_init_from_diffusers_pipeline_and_unet_folder(tmp_path):
+    folder, unet = _pipeline_folder(tmp_path, "pipe", **LINEAR50)
+    x, k = torch.randn(2, 1, 16, 16), torch.tensor([1.0, 37.0])
+    for source in (folder, folder / "unet"):
+        run = tmp_path / f"run-{source.name}"
+        main(["train", "--method", "baseline", "--schedule", "linear", "--time-steps", "50", *FROZEN,
+              "--init-from", str(source), "--out", str(run)])
+        _, nets = load_run(run, ema=False)
+        with torch.no_grad():  # our net(x, k) is the diffusers UNet at t = k − 1
+            assert torch.allclose(nets["net"](x, k), unet(x, k - 1).sample, atol=1e-5)
+    run = tmp_path / "trained"
+    main(["train", "--method", "baseline", "--schedule", "linear", "--time-steps", "50", *TINY,
+          "--init-from", str(folder), "--out", str(run)])
+    _, nets = load_run(run, ema=False)
+    with torch.no_grad():  # it trained on from there
+        assert not torch.allclose(nets["net"](x, k), unet(x, k - 1).sample, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--schedule", "linear", "--time-steps", "40"], "trained with 50 timesteps"),
+    (["--schedule", "cosine", "--time-steps", "50"], "noise schedule differs"),
+    (["--schedule", "linear", "--time-steps", "50", "--preset", "mini"], "--net-config"),
+    (["--schedule", "linear", "--time-steps", "50", "--resolution", "32"], "--resolution 16"),
+])
+def test_init_from_mismatch_is_a_one_line_error(tmp_path, capsys, flags, message):
+    folder, _ = _pipeline_folder(tmp_path, "pipe", **LINEAR50)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--method", "baseline", *TINY, *flags, "--init-from", str(folder), "--out", str(tmp_path / "r")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and err.startswith("diffaccel: error: --init-from")
+
+
+def test_kl_fine_tunes_from_a_ddpm_linear_pipeline(tmp_path, capsys):
+    """§6.6 from a DDPM-style pipeline (linear betas 1e-4..0.02 over 1000 steps, the VP SDE's Euler steps): with the
+    2nd variant and frozen weights, KL's epsilon at t_k = k/20 is the pretrained UNet at t = 50k − 1."""
+    folder, unet = _pipeline_folder(tmp_path, "ddpm", num_train_timesteps=1000, beta_schedule="linear")
+    run = tmp_path / "kl"
+    main(["train", "--method", "kl", "--kl-variant", "2nd", "--kl-terms", "3", "--time-steps", "20", *FROZEN,
+          "--init-from", str(folder), "--out", str(run)])
+    method, nets = load_run(run, ema=False)
+    assert method.time_scale == 50 and method.correction == "paper"
+    x, k = torch.randn(2, 1, 16, 16), torch.tensor([1.0, 13.0])
+    with torch.no_grad():
+        assert torch.allclose(method.epsilon(nets["net"], x, k), unet(x, 50 * k - 1).sample, atol=1e-4)
+    cosine, _ = _pipeline_folder(tmp_path, "cos", num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "kl", *TINY, "--time-steps", "20", "--init-from", str(cosine),
+              "--out", str(tmp_path / "kl2")])
+    assert "VP schedule" in capsys.readouterr().err
