@@ -217,3 +217,43 @@ def test_kl_fine_tunes_from_a_ddpm_linear_pipeline(tmp_path, capsys):
         main(["train", "--method", "kl", *TINY, "--time-steps", "20", "--init-from", str(cosine),
               "--out", str(tmp_path / "kl2")])
     assert "VP schedule" in capsys.readouterr().err
+
+
+def _gan_cfg(out):
+    from diffaccel.train import TrainConfig
+
+    return TrainConfig(data="digits", resolution=8, data_limit=48, net={"preset": "tiny"}, batch_size=16, steps=2,
+                       out=str(out), log_every=1, checkpoint_every=2, sample_every=0, device="cpu")
+
+
+def test_ddgan_and_lddgan_pipelines_equal_diffaccel_sample(tmp_path):
+    from diffaccel.methods.autoencoder import AutoencoderMethod
+    from diffaccel.methods.ddgan import DDGAN, LDDGAN
+    from diffaccel.pipelines import DDGANPipeline, LDDGANPipeline
+    from diffaccel.train import train
+
+    quiet = dict(progress=False, log=lambda *_: None)
+    ae_run = train(_gan_cfg(tmp_path / "ae"), AutoencoderMethod(factor=2, latent_channels=2, perceptual_weight=0,
+                                                                holdout=8), **quiet)
+    runs = {"ddgan": (train(_gan_cfg(tmp_path / "dd"), DDGAN(T=2, lazy_reg=2), **quiet), DDGANPipeline),
+            "lddgan": (train(_gan_cfg(tmp_path / "ld"), LDDGAN(autoencoder=str(ae_run), T=2, lazy_reg=2), **quiet),
+                       LDDGANPipeline)}
+    for name, (run, cls) in runs.items():
+        out = tmp_path / f"{name}-exported"
+        main(["export", str(run), str(out)])
+        assert not any(p.suffix in (".bin", ".pt") for p in out.rglob("*"))
+        method, nets = load_run(run)
+        with torch.no_grad():
+            ours = method.sample(nets["generator"], 3, (1, 8, 8), generator=torch.Generator().manual_seed(4))
+        ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        if name == "lddgan":
+            import shutil
+
+            shutil.rmtree(ae_run)  # the exported folder holds the autoencoder itself
+        pipe = cls.from_pretrained(out)
+        images = pipe(batch_size=3, generator=torch.Generator().manual_seed(4), output_type="np").images
+        assert images.std() > 1e-3
+        assert images.shape == ours.shape == (3, 8, 8, 1)
+        assert np.abs(images - ours).max() < 1e-5, name
+        with pytest.raises(Exception, match="T = 2"):
+            pipe(batch_size=1, num_inference_steps=5)

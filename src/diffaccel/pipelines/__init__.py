@@ -14,6 +14,8 @@ PIPELINES: dict[str, str] = {
     "dvdp": "diffaccel.pipelines.dvdp:DVDPPipeline",
     "subspace": "diffaccel.pipelines.dvdp:SubspacePipeline",
     "score-ve": "diffaccel.pipelines.score_ve:ScoreVEPipeline",
+    "ddgan": "diffaccel.pipelines.ddgan:DDGANPipeline",
+    "lddgan": "diffaccel.pipelines.ddgan:LDDGANPipeline",
 }
 
 
