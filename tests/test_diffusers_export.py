@@ -149,13 +149,13 @@ def test_method_pipeline_equals_diffaccel_sample(tmp_path, name):
 
 
 # --- import: pretrained diffusers models as starting points ----------------------------------------------------
-def _pipeline_folder(tmp_path, name, preset="tiny", size=16, **scheduler):
+def _pipeline_folder(tmp_path, name, preset="tiny", size=16, unet_overrides=None, **scheduler):
     from diffusers import DDPMPipeline, DDPMScheduler
 
     from diffaccel.nets.unet import build_unet
 
     torch.manual_seed(11)
-    unet = build_unet(preset, 1, 1, size).unet
+    unet = build_unet(preset, 1, 1, size, **(unet_overrides or {})).unet
     for p in unet.parameters():  # not the fresh initialisation our run would start from anyway
         p.data.add_(0.01 * torch.randn_like(p))
     folder = tmp_path / name
@@ -198,6 +198,25 @@ def test_init_from_mismatch_is_a_one_line_error(tmp_path, capsys, flags, message
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in err and err.startswith("diffaccel: error: --init-from")
+
+
+def test_init_from_error_names_the_net_config_that_fits(tmp_path, capsys):
+    """A UNet in the DDPM-CIFAR10 layout (cos/sin order, frequency shift, one attention head width): same shapes, other
+    function. The error's --net-config builds it, and the copy is then exact (the time shift in the other layout)."""
+    import re
+
+    overrides = {"flip_sin_to_cos": False, "freq_shift": 1, "attention_head_dim": None, "downsample_padding": 0}
+    folder, unet = _pipeline_folder(tmp_path, "pipe", unet_overrides=overrides, **LINEAR50)
+    flags = ["--method", "baseline", "--schedule", "linear", "--time-steps", "50", *FROZEN, "--init-from", str(folder)]
+    with pytest.raises(SystemExit):
+        main(["train", *flags, "--out", str(tmp_path / "r1")])
+    hint = json.loads(re.search(r"--net-config '(.*)'", capsys.readouterr().err).group(1))
+    assert hint == overrides
+    main(["train", *flags, "--net-config", json.dumps(hint), "--out", str(tmp_path / "r2")])
+    _, nets = load_run(tmp_path / "r2", ema=False)
+    x, k = torch.randn(2, 1, 16, 16), torch.tensor([1.0, 37.0])
+    with torch.no_grad():
+        assert torch.allclose(nets["net"](x, k), unet(x, k - 1).sample, atol=1e-5)
 
 
 def test_kl_fine_tunes_from_a_ddpm_linear_pipeline(tmp_path, capsys):

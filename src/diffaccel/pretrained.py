@@ -18,10 +18,8 @@ from torch import nn
 
 from diffaccel.errors import UserError
 
-# UNet2DModel arguments that decide the parameter shapes: what --net-config must repeat to load the weights
-ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
-                     "norm_num_groups", "attention_head_dim", "time_embedding_type", "flip_sin_to_cos", "freq_shift",
-                     "add_attention", "resnet_time_scale_shift")
+# UNet2DModel arguments that the data or the method decide, or that change training only: not compared
+NOT_ARCHITECTURE = {"sample_size", "in_channels", "out_channels", "dropout", "num_train_timesteps"}
 
 
 @dataclass
@@ -103,10 +101,13 @@ def check_architecture(net: nn.Module, pre: PretrainedEpsilon) -> None:
         raise UserError(f"--init-from {pre.where}: the UNet takes {cfg.in_channels}×{cfg.sample_size}² images, the "
                         f"data is {own.in_channels}×{own.sample_size}² (pass --channels {cfg.in_channels} "
                         f"--resolution {cfg.sample_size})")
-    if any(_plain(own.get(k)) != _plain(cfg.get(k)) for k in ARCHITECTURE_KEYS):
-        arch = {k: cfg[k] for k in ARCHITECTURE_KEYS[:6] if cfg.get(k) is not None}
+    keys = sorted(k for k in {*own.keys(), *cfg.keys()} if not k.startswith("_") and k not in NOT_ARCHITECTURE)
+    differ = {k: cfg.get(k) for k in keys if _plain(own.get(k)) != _plain(cfg.get(k))}
+    if "block_out_channels" in differ:  # build_unet would otherwise redo the block types for the new depth
+        differ.update({k: cfg[k] for k in ("down_block_types", "up_block_types")})
+    if differ:  # shapes or function (e.g. flip_sin_to_cos, attention_head_dim, downsample_padding) would differ
         raise UserError(f"--init-from {pre.where}: its UNet has another architecture than --preset/--net-config "
-                        f"build; pass --net-config '{json.dumps(arch)}'")
+                        f"build; pass --net-config '{json.dumps(differ)}'")
 
 
 def load_unet_weights(net: nn.Module, pre: PretrainedEpsilon) -> None:
