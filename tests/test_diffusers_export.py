@@ -85,6 +85,8 @@ def test_exported_folder_runs_as_ddpm_pipeline(runs, tmp_path):
 def test_raw_weights_and_model_card(runs, tmp_path):
     from diffusers import UNet2DModel
 
+    with open(runs["linear"] / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "fid[digits]": 123.456}) + "\n")
     main(["export", "--raw", str(runs["linear"]), str(tmp_path / "raw")])
     main(["export", str(runs["linear"]), str(tmp_path / "ema")])
     _, raw = load_run(runs["linear"], ema=False)
@@ -97,6 +99,7 @@ def test_raw_weights_and_model_card(runs, tmp_path):
         assert not torch.allclose(raw["net"](x, t), ema["net"](x, t), atol=1e-4)
     card = (tmp_path / "ema" / "README.md").read_text()
     assert "baseline" in card and "Ho, Jain & Abbeel" in card and "digits" in card and "EMA" in card
+    assert "fid[digits] = 123.5" in card and '"steps": 20' in card and '"eta": 1.0' in card
     assert "raw" in (tmp_path / "raw" / "README.md").read_text()
 
 

@@ -65,8 +65,8 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--method", default="baseline", help="method: " + ", ".join(_method_classes()))
     p.add_argument("--out", default=None, help="run directory (default: runs/<method>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
-    p.add_argument("--init-from", default=None, help="initialise the networks from another run or, for baseline and kl, a diffusers "
-                   "UNet2DModel / DDPM / DDIM pipeline folder (method-specific)")
+    p.add_argument("--init-from", default=None, help="initialise the networks from another run or, for baseline "
+                   "and kl, a diffusers UNet2DModel / DDPM / DDIM pipeline folder (method-specific)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="mnist5k | digits | folder of images | .npz | CIFAR-10 batches "
                    "folder | MNIST idx file")

@@ -25,7 +25,8 @@ PAPERS = {
     "kl": "Ren et al., Efficient Diffusion Training through Parallelization with Truncated Karhunen-Loève Expansion",
     "dvdp": "Zhang et al., Dimensionality-Varying Diffusion Process (2023)",
     "ddgan": "Xiao, Kreis & Vahdat, Tackling the Generative Learning Trilemma with Denoising Diffusion GANs (2022)",
-    "lddgan": "Yoon et al., Latent Denoising Diffusion GAN (LDDGAN)",
+    "lddgan": "Trinh et al., Latent Denoising Diffusion GAN: Faster sampling, Higher image quality",
+    "subspace": "Jing et al., Subspace Diffusion Generative Models (2022)",
     "score-ve": "Song et al., Score-Based Generative Modeling through Stochastic Differential Equations (2021)",
 }
 
@@ -84,7 +85,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, ema: bool = True, ch
 
         pipe = pipeline_for(config, method, nets)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / "README.md").write_text(model_card(run_dir, config, type(pipe).__name__, ema))
+    (out_dir / "README.md").write_text(model_card(run_dir, config, type(pipe).__name__, ema, method))
     return out_dir
 
 
@@ -104,7 +105,15 @@ def baseline_pipeline(method, net):
     return DDIMPipeline(unet=unet.eval(), scheduler=scheduler)
 
 
-def model_card(run_dir: Path, config: dict, pipeline_class: str, ema: bool) -> str:
+def sampler_defaults(method) -> dict:
+    """The sampler settings `diffaccel sample` uses when no flag is given (the method's ``sample`` defaults)."""
+    import inspect
+
+    params = inspect.signature(method.sample).parameters
+    return {k: params[k].default for k in ("sampler", "steps", "eta") if k in params}
+
+
+def model_card(run_dir: Path, config: dict, pipeline_class: str, ema: bool, method) -> str:
     from diffaccel.runs import read_metrics
 
     train = config["train"]
@@ -112,13 +121,17 @@ def model_card(run_dir: Path, config: dict, pipeline_class: str, ema: bool) -> s
     scores = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in evals[-1].items()) \
         if evals else "none recorded"
     mcfg = config.get("method_config") or {}
+    defaults = sampler_defaults(method)
     if config["method"] == "baseline":
+        defaults_line = (f"`diffaccel sample` defaults {json.dumps(defaults)}; DDIMPipeline's own defaults are "
+                         "50 steps and eta 0, so pass `num_inference_steps` and `eta` to sample as diffaccel does")
         use = ("```python\nfrom diffusers import DDIMPipeline\n"
                "pipe = DDIMPipeline.from_pretrained(\"PATH\")\n"
                "images = pipe(batch_size=16, num_inference_steps=20, eta=1.0).images\n```\n\n"
                f"`DDPMPipeline` works too (with `num_inference_steps={mcfg.get('N')}` and "
                "`scheduler=DDPMScheduler.from_pretrained(\"PATH\", subfolder=\"scheduler\")`).")
     else:
+        defaults_line = f"{json.dumps(defaults)} (`diffaccel sample`'s, also {pipeline_class}'s when not given)"
         use = ("```python\nfrom diffaccel.pipelines import " + pipeline_class + "\n"
                f"pipe = {pipeline_class}.from_pretrained(\"PATH\")\n"
                "images = pipe(batch_size=16).images\n```")
@@ -129,6 +142,6 @@ def model_card(run_dir: Path, config: dict, pipeline_class: str, ema: bool) -> s
             f"- data: {train['data']}, image shape {config['image_shape']}\n"
             f"- training steps: {train['steps']}, batch {train['batch_size']}, lr {train['lr']}, seed {train['seed']}\n"
             f"- weights: {'EMA (decay ' + str(train.get('ema_decay')) + ')' if ema else 'raw (not EMA)'}, safetensors\n"
-            f"- sampler defaults: {pipeline_class}.__call__ defaults (DDIM 20 steps, eta 1 for epsilon models)\n"
+            f"- sampler defaults: {defaults_line}\n"
             f"- last evaluation: {scores}\n\n## Use\n\n{use}\n\n"
             "Time convention: diffusers' timestep t is diffaccel's grid index k − 1 (docs/diffusers.md).\n")

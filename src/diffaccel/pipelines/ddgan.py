@@ -13,15 +13,16 @@ from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, Model
 # must be a name of this module: diffusers looks the component base classes up in the component's module)
 from diffusers.configuration_utils import register_to_config
 
-from diffaccel.pipelines.base import OUTPUT_TYPES, to_output
 from diffaccel.errors import UserError
+from diffaccel.pipelines.base import OUTPUT_TYPES, to_output
 
 
 class DDGANGeneratorModel(ModelMixin, ConfigMixin):
     """A DDGAN generator G(x_t, t, z) built by ``diffaccel.nets.ddgan.build_generator(preset, ...)``."""
 
     @register_to_config
-    def __init__(self, preset: str = "small", in_channels: int = 1, resolution: int = 32, overrides: dict | None = None):
+    def __init__(self, preset: str = "small", in_channels: int = 1, resolution: int = 32,
+                 overrides: dict | None = None):
         super().__init__()
         from diffaccel.nets.ddgan import build_generator
 
