@@ -17,7 +17,7 @@ TINY = ["--data", "digits", "--resolution", "16", "--preset", "tiny", "--batch-s
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    for schedule in ("linear", "cosine"):
+    for schedule in ("linear", "cosine", "vp"):
         out[schedule] = root / schedule
         main(["train", "--method", "baseline", "--schedule", schedule, "--time-steps", "50", *TINY,
               "--out", str(out[schedule])])
@@ -47,7 +47,7 @@ def test_time_shift_folds_into_the_embedding_layer():
         assert not torch.allclose(unet(x, t).sample, net(x, t), atol=1e-3)  # the shift matters
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "vp"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_exported_ddim_pipeline_equals_diffaccel_sample(runs, tmp_path, schedule, eta):
     from diffusers import DDIMPipeline
@@ -66,7 +66,7 @@ def test_exported_ddim_pipeline_equals_diffaccel_sample(runs, tmp_path, schedule
                   output_type="np").images
     ours = _ours(runs[schedule], 3, 7, sampler="ddim", steps=5, eta=eta)
     assert images.shape == ours.shape == (3, 16, 16, 1)
-    assert np.abs(images - ours).max() < 1e-4
+    assert np.abs(images - ours).max() < 2e-4  # measured up to 6e-5: float32 alphas_cumprod in diffusers
     other = _ours(runs[schedule], 3, 8, sampler="ddim", steps=5, eta=eta)
     assert np.abs(images - other).max() > 1e-2  # the comparison can fail
 
@@ -79,7 +79,7 @@ def test_exported_folder_runs_as_ddpm_pipeline(runs, tmp_path):
     pipe = DDPMPipeline.from_pretrained(out, scheduler=DDPMScheduler.from_pretrained(out, subfolder="scheduler"))
     images = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=50,
                   output_type="np").images
-    assert np.abs(images - _ours(runs["linear"], 2, 3, sampler="ddpm")).max() < 1e-4
+    assert np.abs(images - _ours(runs["linear"], 2, 3, sampler="ddpm")).max() < 2e-4
 
 
 def test_raw_weights_and_model_card(runs, tmp_path):
