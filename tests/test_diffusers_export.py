@@ -104,8 +104,12 @@ def test_raw_weights_and_model_card(runs, tmp_path):
 
 
 def test_export_errors(runs, tmp_path, capsys):
+    ae = tmp_path / "ae"
+    ae.mkdir()
+    (ae / "config.yaml").write_text("method: autoencoder\n")
     for argv, message in ((["export", str(tmp_path), str(tmp_path / "o")], "not a diffaccel run directory"),
-                          (["export", str(runs["linear"]), str(runs["cosine"])], "not an empty folder")):
+                          (["export", str(runs["linear"]), str(runs["cosine"])], "not an empty folder"),
+                          (["export", str(ae), str(tmp_path / "o")], "'autoencoder' runs do not export")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2

@@ -77,13 +77,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, ema: bool = True, ch
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = read_config(run_dir)
     _check_out(out_dir)
-    method, nets = load_run(run_dir, "cpu", checkpoint=checkpoint, ema=ema)
-    if config["method"] == "baseline":
-        pipe = baseline_pipeline(method, nets["net"])
-    else:
-        from diffaccel.pipelines import pipeline_for
+    from diffaccel.pipelines import PIPELINES, pipeline_for
 
-        pipe = pipeline_for(config, method, nets)
+    if config["method"] != "baseline" and config["method"] not in PIPELINES:
+        raise UserError(f"{config['method']!r} runs do not export (they sample nothing on their own); exportable: "
+                        f"baseline, {', '.join(PIPELINES)}")
+    method, nets = load_run(run_dir, "cpu", checkpoint=checkpoint, ema=ema)
+    pipe = baseline_pipeline(method, nets["net"]) if config["method"] == "baseline" else \
+        pipeline_for(config, method, nets)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "README.md").write_text(model_card(run_dir, config, type(pipe).__name__, ema, method))
     return out_dir

@@ -31,6 +31,6 @@ def pipeline_for(config: dict, method, nets):
     """The pipeline object of a loaded run (``method``, ``nets`` from ``load_run``)."""
     name = config["method"]
     if name not in PIPELINES:
-        raise UserError(f"export of {name!r} runs is not supported yet; exportable: baseline, {', '.join(PIPELINES)}")
+        raise UserError(f"{name!r} runs have no pipeline; exportable: baseline, {', '.join(PIPELINES)}")
     module, cls = PIPELINES[name].split(":")
     return getattr(importlib.import_module(module), cls).from_run(config, method, nets)
