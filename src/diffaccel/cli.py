@@ -1,4 +1,4 @@
-"""``diffaccel train | sample | eval | bench | info | doctor | pds-filter``."""
+"""``diffaccel train | sample | eval | export | bench | info | doctor | pds-filter``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ EPILOG = """examples:
   diffaccel train --resume --out runs/kl8 --steps 4000
   diffaccel sample runs/kl8 --n 64 --sampler ddim --steps 20 --eta 1
   diffaccel eval runs/kl8 --n 10000 --extractor effnet
+  diffaccel export runs/baseline exported/baseline   # a diffusers DDIMPipeline folder
   diffaccel bench kl
 """
 
@@ -156,7 +157,8 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--method", default="baseline", help="method: " + ", ".join(_method_classes()))
     p.add_argument("--out", default=None, help="run directory (default: runs/<method>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
-    p.add_argument("--init-from", default=None, help="initialise the networks from another run (method-specific)")
+    p.add_argument("--init-from", default=None, help="initialise the networks from another run or, for baseline "
+                   "and kl, a diffusers UNet2DModel / DDPM / DDIM pipeline folder (method-specific)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="mnist5k | digits | folder of images | .npz | CIFAR-10 batches "
                    "folder | MNIST idx file")
@@ -261,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="weights file (default: the one shipped in the package)")
     p.add_argument("--check", action="store_true",
                    help="train, then compare with the shipped weights' checksum instead of writing them")
+
+    p = sub.add_parser("export", help="write a run as a diffusers pipeline folder (safetensors, model card)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder (default: the latest good one)")
 
     p = sub.add_parser("info", help="describe a run directory: method, settings, checkpoints, last metrics")
     p.add_argument("run_dir", type=Path)
@@ -576,6 +584,13 @@ def cmd_train_extractor(args: argparse.Namespace) -> None:
     print(f"wrote {out} (sha256 {digest})")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from diffaccel.export import export_run
+
+    out = export_run(args.run_dir, args.out_dir, ema=not args.raw, checkpoint=args.checkpoint)
+    print(f"exported {args.run_dir} ({'raw' if args.raw else 'EMA'} weights) to {out}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from diffaccel.checkpoint import list_checkpoints, verify
     from diffaccel.runs import read_config, read_metrics
@@ -629,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
         args.given = _explicit_dests(parser, argv) | getattr(args, "config_dests", set())
         args.parser = parser._subparsers._group_actions[0].choices[args.command]
         {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info,
-         "doctor": cmd_doctor, "train-extractor": cmd_train_extractor}[args.command](args)
+         "export": cmd_export, "doctor": cmd_doctor, "train-extractor": cmd_train_extractor}[args.command](args)
     except UserError as e:
         message = str(e)  # capped: a value echoed into a message never floods the terminal
         print(f"diffaccel: error: {message if len(message) <= 1000 else message[:999] + '…'}", file=sys.stderr)

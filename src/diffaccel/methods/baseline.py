@@ -40,6 +40,18 @@ class Baseline(EpsilonPDS, Method):
     def from_args(cls, args: argparse.Namespace) -> "Baseline":
         return cls(N=1000 if args.time_steps is None else args.time_steps, schedule=args.schedule)
 
+    def initialize(self, nets: dict[str, nn.Module], init_from) -> None:
+        """Start from a pretrained diffusers epsilon model (UNet2DModel or DDPM/DDIM pipeline folder)."""
+        from diffaccel.pretrained import check_schedule, is_diffusers_folder, load_pretrained_epsilon, \
+            load_unet_weights
+
+        if not is_diffusers_folder(init_from):
+            raise UserError(f"baseline --init-from takes a diffusers UNet2DModel or DDPM/DDIM pipeline folder; "
+                            f"{init_from} is neither")
+        pre = load_pretrained_epsilon(init_from)
+        check_schedule(pre, self.alpha_bars, f"the baseline's {self.schedule!r} schedule")
+        load_unet_weights(nets["net"], pre)
+
     def noised(self, x0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         ab = self.alpha_bars.to(x0.device)[k].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise

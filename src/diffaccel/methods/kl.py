@@ -276,7 +276,17 @@ class KLDiffusion(EpsilonPDS, Method):
 
     # --- fine-tuning (§6.6) ----------------------------------------------------------------------------------
     def initialize(self, nets: dict[str, nn.Module], init_from: Path) -> None:
-        """Start from a trained baseline run: copy its EMA weights into ``nets["net"]`` (§6.6)."""
+        """Start from a trained baseline run (its EMA weights) or a pretrained diffusers DDPM/DDIM pipeline folder:
+        copy the epsilon network's weights into ``nets["net"]`` (§6.6)."""
+        from diffaccel.pretrained import check_architecture, is_diffusers_folder
+
+        if is_diffusers_folder(init_from):
+            from diffaccel.nets.unet import DiffusersAdapter
+
+            pre = _pretrained_vp(init_from)
+            check_architecture(nets["net"], pre)
+            init_from_baseline(self, nets["net"], DiffusersAdapter(pre.unet), pre.N)
+            return
         from diffaccel.runs import load_run
 
         base_method, base_nets = load_run(Path(init_from), "cpu")
@@ -294,11 +304,31 @@ def _baseline_steps(base_method, where) -> int:
     return int(base_method.N)
 
 
+# DDPM's linear betas are the Euler steps of the continuous VP SDE, beta(t) = 0.1 + 19.9 t: over N = 1000 their
+# alpha_bar differs from the continuous one by at most 8e-4, which this tolerance admits (docs/diffusers.md)
+VP_TOLERANCE = 2e-3
+
+
+def _pretrained_vp(path):
+    """A pretrained diffusers epsilon pipeline whose schedule is the VP one on its own grid."""
+    from diffaccel.pretrained import check_schedule, load_pretrained_epsilon
+
+    pre = load_pretrained_epsilon(path)
+    if pre.alpha_bars is None:
+        raise UserError(f"KL --init-from {path}: a bare UNet folder carries no schedule; pass the pipeline folder "
+                        "(with scheduler/) so that the number of timesteps and the schedule can be checked")
+    check_schedule(pre, VPSchedule().grid(pre.N), "the VP schedule KL diffusion is derived for", VP_TOLERANCE)
+    return pre
+
+
 def fine_tune_settings(baseline_run, N: int, correction: str = "paper") -> dict:
     """Method kwargs for fine-tuning from ``baseline_run``: the network's time input is scaled by N_base/N so
     that the m = 1 block's index k means the same noise level t_k = k/N as the baseline's index k·N_base/N."""
+    from diffaccel.pretrained import is_diffusers_folder
     from diffaccel.runs import load_run
 
+    if is_diffusers_folder(baseline_run):
+        return {"time_scale": _pretrained_vp(baseline_run).N / N, "correction": correction}
     base_method, _ = load_run(Path(baseline_run), "cpu")
     return {"time_scale": _baseline_steps(base_method, baseline_run) / N, "correction": correction}
 
