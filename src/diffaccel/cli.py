@@ -372,6 +372,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         method = method_class(args.method).from_args(recorder)
         # a flag the user gave is honoured or refused: the trainer's own flags, plus what this method read
         _refuse_unread(given, args.parser.shared_dests | recorder.read, f"method {args.method!r}")
+        if args.clip_x0 and hasattr(method, "check_latent_options"):
+            method.check_latent_options(clip_x0=True)  # the run's sample grids would refuse it mid-training
         try:
             overrides = json.loads(args.net_config) if args.net_config else {}
         except ValueError as e:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from diffaccel.errors import UserError
 from diffaccel.gan_health import DiscriminatorMonitor
 from diffaccel.methods.base import Method, Phase
 from diffaccel.methods.ddgan_schedule import ddgan_schedule
+from diffaccel.methods.latent import LatentSpace, add_autoencoder_argument, check_autoencoder_run
 
 GEN_LOSSES = ("adv", "adv+rec", "adv+rec+wl")
 
@@ -59,11 +59,10 @@ def _adam(params, lr):
     return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
 
 
-class DDGAN(Method):
+class DDGAN(LatentSpace, Method):
     """Pixel-space denoising diffusion GAN (Xiao et al. 2022); the LDDGAN subclass runs it on latents."""
 
     name = "ddgan"
-    latent = False
     ema_networks = ("generator",)
     sampling_network = "generator"
     default_gen_loss = "adv"
@@ -136,10 +135,6 @@ class DDGAN(Method):
         self.total_steps = int(total_steps)
 
     # --- networks ------------------------------------------------------------------------------------------
-    def data_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
-        """Shape the diffusion runs on: the image itself here, the latent for LDDGAN."""
-        return tuple(image_shape)
-
     def build_networks(self, net_cfg: dict, image_shape: tuple[int, int, int]) -> dict[str, nn.Module]:
         from diffaccel.nets.ddgan import build_discriminator, build_generator
 
@@ -235,9 +230,6 @@ class DDGAN(Method):
             x = mean + std * randn(n, *shape) if step > 1 else mean
         return x
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
     def sample(self, net: nn.Module, n: int, image_shape, *, generator=None, device=None, progress: bool = False,
                **_) -> torch.Tensor:
         x = self.sample_latents(net, n, self.data_shape(image_shape), generator=generator, device=device)
@@ -262,46 +254,22 @@ class LDDGAN(DDGAN):
     """DDGAN on the scaled latents of a trained autoencoder run (``--autoencoder AE_RUN``)."""
 
     name = "lddgan"
-    latent = True
     default_gen_loss = "adv+rec+wl"
 
     def __init__(self, autoencoder: str | None = None, **kwargs):
         if not autoencoder:
             raise UserError("lddgan needs --autoencoder AE_RUN (a run directory of `diffaccel train --method "
                             "autoencoder`)")
-        if not Path(autoencoder).is_dir():
-            raise UserError(f"--autoencoder {autoencoder}: no such run directory")
+        self.autoencoder_run = check_autoencoder_run(autoencoder)
         super().__init__(**kwargs)
-        self.autoencoder_run = str(autoencoder)
-        self._ae: dict[str, nn.Module] = {}
 
     def config(self) -> dict:
         return {"autoencoder": self.autoencoder_run, **super().config()}
 
     @staticmethod
     def add_arguments(group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--autoencoder", default=None, help="LDDGAN: run directory of a trained autoencoder")
+        add_autoencoder_argument(group)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LDDGAN":
         return cls(autoencoder=args.autoencoder, **cls._common_args(args))
-
-    def autoencoder(self, device="cpu") -> nn.Module:
-        from diffaccel.methods.autoencoder import load_autoencoder
-
-        key = str(torch.device(device))
-        if key not in self._ae:
-            self._ae[key] = load_autoencoder(self.autoencoder_run, device)
-        return self._ae[key]
-
-    def data_shape(self, image_shape):
-        return self.autoencoder("cpu").latent_shape
-
-    def prepare(self, dataset, device):
-        """Encode the training set once (cached on disk in the autoencoder run) and train on the latents."""
-        from diffaccel.methods.autoencoder import cached_latents
-
-        return cached_latents(self.autoencoder_run, self.autoencoder(device), dataset, device)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder(x.device).decode_scaled(x)
