@@ -261,12 +261,19 @@ def test_lddgan_benchmark_quick_runs_on_the_harness(tmp_path):
 
     summary = run(tmp_path / "out", quick=True, seeds=1)
     rows = {(r["model"], r["sampler"]): r for r in summary["rows"]}
-    assert list(rows) == [("DDPM", "DDIM-20"), ("DDPM", "DDPM-1000"), ("DDGAN (pixel)", "T=4"), ("LDDGAN adv", "T=4"),
-                          ("LDDGAN adv+rec", "T=4"), ("LDDGAN adv+rec+WL", "T=4")]
+    assert list(rows) == [("DDPM", "DDIM-20"), ("DDPM", "DDPM-1000"), ("Latent DDPM", "DDIM-20"),
+                          ("DDGAN (pixel)", "T=4"), ("LDDGAN adv", "T=4"), ("LDDGAN adv+rec", "T=4"),
+                          ("LDDGAN adv+rec+WL", "T=4"), ("LDDGAN adv+rec+WL f=2", "T=4"),
+                          ("LDDGAN adv+rec+WL KL-AE", "T=4")]
     assert rows[("LDDGAN adv+rec+WL", "T=4")]["nfe"] == 4 and rows[("DDPM", "DDPM-1000")]["nfe"] == 50
     assert all(r["seconds_per_100_images"].mean > 0 for r in rows.values())
-    # the three LDDGAN rows of a seed share one autoencoder
-    assert [r["autoencoder"] for r in summary["extra"]["autoencoders"]] == ["seed0"]
-    assert summary["extra"]["autoencoders"][0]["PSNR dB"] > 0
+    final = rows[("LDDGAN adv", "T=4")]["per_seed"][0]
+    assert len(final["timing_trial_seconds"]) == 2  # seconds per 100 images: the median of timed trials
+    # three autoencoders, each trained once and shared by the rows naming it
+    assert [r["autoencoder"] for r in summary["extra"]["autoencoders"]] == ["f2", "f4", "f4-kl"]
+    assert all(r["PSNR dB"] > 0 for r in summary["extra"]["autoencoders"])
+    # every GAN row reports its discriminator's final logit gap; the DDPM rows have none
+    assert {r["model"] for r in summary["extra"]["discriminators"]} == {
+        m for m, _ in rows if "GAN" in m}
     for name in ("results.json", "results.md"):
         assert (tmp_path / "out" / name).is_file()

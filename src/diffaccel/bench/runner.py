@@ -220,10 +220,23 @@ def evaluate_one(bench: Benchmark, model: ModelSpec, seed: int, run_dir: Path, s
         save_grid(images[:64].float() / 127.5 - 1, folder / f"grid_{slug(sampler.label)}.png", nrow=8)
         result = {"eval_key": key, "sampler": sampler.label, "n": n, "nfe": method.nfe(**sampler.options),
                   "sampling_seconds": seconds, "seconds_per_100_images": 100 * seconds / n,
-                  **score(bench, split, images)}
+                  **timing_trials(bench, sampler, method, net, shape, seed), **score(bench, split, images)}
         _write_json(path, result)
         out[sampler.label] = result
     return out
+
+
+def timing_trials(bench: Benchmark, sampler: SamplerSpec, method, net, shape, seed: int) -> dict:
+    """``bench.timing_trials`` timed generations of ``sampler.timing_n`` images after one untimed warm-up; seconds
+    per 100 images is their median (decoder included: the method's sampler decodes)."""
+    if not bench.timing_trials:
+        return {}
+    n = sampler.timing_n
+    _generate(method, net, min(n, 2), shape, sampling_seed(seed), n, sampler.options)
+    trials = [_generate(method, net, n, shape, sampling_seed(seed) + 1 + i, n, sampler.options)[1]
+              for i in range(bench.timing_trials)]
+    return {"timing_trial_seconds": trials, "timing_images": n,
+            "seconds_per_100_images": 100 * statistics.median(trials) / n}
 
 
 def training_curve(run_dir: Path) -> dict:
@@ -249,9 +262,12 @@ def training_curve(run_dir: Path) -> dict:
 
 
 # --- probe: cost per step and per sample, for dry runs and wall-clock budgets --------------------------------
-def probe(bench: Benchmark, dataset, work: Path, quick: bool, models: list[ModelSpec] | None = None) -> dict:
+def probe(bench: Benchmark, dataset, work: Path, quick: bool, models: list[ModelSpec] | None = None,
+          run_setup: bool = False) -> dict:
     """Seconds per training step and per sample of every model (a few steps of real training in a scratch
-    folder, one small sampling batch per sampler), stored in ``work/probe.json`` by the model's settings."""
+    folder, one small sampling batch per sampler), stored in ``work/probe.json`` by the model's settings.
+    A model with a ``setup`` (e.g. an autoencoder to train) is probed only once it is set up: ``run_setup``
+    runs it first (training does), a dry run reports it as not probed."""
     from diffaccel.train import train
 
     path = work / "probe.json"
@@ -260,7 +276,7 @@ def probe(bench: Benchmark, dataset, work: Path, quick: bool, models: list[Model
         key = train_key(bench, model, 0, 0)
         if stored.get(model.label, {}).get("key") == key:
             continue
-        if model.setup and not (work / "setup" / slug(model.label) / "seed0").exists():
+        if model.setup and not run_setup and not (work / "setup" / slug(model.label) / "seed0").exists():
             stored[model.label] = {"key": None, "note": "needs its setup first: not probed"}
             continue
         method = _method(model, work / "setup" / slug(model.label) / "seed0", 0, quick)
@@ -361,7 +377,7 @@ def run_benchmark(bench: Benchmark, out_dir: str | Path, seeds: int = 1, dry_run
         return dry_run(bench, seeds, dataset, work, quick)
     started = time.time()
     split = RealSplit(dataset.images, bench.n_reference)
-    probed = probe(bench, dataset, work, quick) if bench.seconds is not None else None
+    probed = probe(bench, dataset, work, quick, run_setup=True) if bench.seconds is not None else None
     floor = floors(bench, split, seeds, work)
     results = {}
     for seed in range(seeds):  # seed by seed: an interrupted benchmark already has whole seeds to show

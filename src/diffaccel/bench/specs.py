@@ -23,6 +23,7 @@ class SamplerSpec:
     options: dict = field(default_factory=dict)
     n: int | None = None        # samples at the final evaluation (default: the benchmark's n_samples)
     final_only: bool = False    # not evaluated along training (expensive samplers such as DDPM-1000)
+    timing_n: int = 100         # images per timing trial (the benchmark's ``timing_trials``); fewer for slow ones
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Benchmark:
     train_defaults: dict = field(default_factory=dict)
     sample_batch: int = 250
     measure_cost: bool = True   # seconds per step and peak memory of every model, each in a fresh process
+    timing_trials: int = 0      # > 0: seconds per 100 images is the median of this many timed generations
     notes: str = ""
     extra: Callable | None = None  # extra(benchmark, results, out_dir) -> dict: benchmark-specific measurements
 
@@ -103,8 +105,12 @@ def train_key(bench: Benchmark, model: ModelSpec, seed: int, steps: int) -> str:
 
 def eval_key(bench: Benchmark, sampler: SamplerSpec, n: int) -> str:
     """Everything one evaluation of a trained network depends on (besides the network)."""
-    return _digest({"sampler": asdict(sampler), "n": n, "n_reference": bench.n_reference,
-                    "extractors": list(bench.extractors)})
+    spec = asdict(sampler)
+    if spec["timing_n"] == 100:  # the default leaves the keys of results stored before it existed unchanged
+        del spec["timing_n"]
+    timing = {"timing_trials": bench.timing_trials} if bench.timing_trials else {}
+    return _digest({"sampler": spec, "n": n, "n_reference": bench.n_reference,
+                    "extractors": list(bench.extractors), **timing})
 
 
 def slug(label: str) -> str:
