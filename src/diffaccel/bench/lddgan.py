@@ -28,10 +28,10 @@ AE_COMMON = {"perceptual_weight": 0.0, "adv_weight": 0.1, "disc_start": 0.5, "l2
 AUTOENCODERS = {"f4": {"factor": 4, "latent_channels": 4, **AE_COMMON},
                 "f2": {"factor": 2, "latent_channels": 2, **AE_COMMON},
                 "f4-kl": {"factor": 4, "latent_channels": 4, "kl_penalty": 1e-3, **AE_COMMON}}
-AE_STEPS, QUICK_AE_STEPS = 3000, 2
+AE_STEPS, QUICK_AE_STEPS = 1500, 2
 UNET = {"preset": "tiny", "overrides": {"block_out_channels": [16, 32]}}
 GAN = {"preset": "tiny"}
-SECONDS = 240.0
+SECONDS = 200.0
 
 
 def train_autoencoder(out: Path, settings: dict, quick: bool) -> Path:
@@ -155,7 +155,7 @@ def benchmark(quick: bool = False) -> Benchmark:
     return Benchmark(**common, data="mnist5k", resolution=32, seconds=SECONDS, eval_every=0, n_samples=1000,
                      n_reference=3000, sample_batch=100, measure_cost=False, timing_trials=5,
                      notes=f"Equal wall-clock training per model ({SECONDS:.0f} s, turned into steps by a timing "
-                           "probe); every autoencoder trained once (3,000 steps, seed 0, not counted in any budget) "
+                           "probe); every autoencoder trained once (1,500 steps, seed 0, not counted in any budget) "
                            "and shared by its rows and seeds. GAN phases unclipped (DDPM rows: the trainer's clip "
                            "1.0); D/G learning rates 1.25e-4/1.6e-4, Adam (0.5, 0.9). s/100 img: median of 5 timed "
                            "trials of 100 images (DDPM-1000: of 10 images), decoder included. DDPM-1000 scored on "
