@@ -23,6 +23,8 @@ class Baseline(LatentSpace, EpsilonPDS, Method):
     is decoded: the same DDPM/DDIM in the space LDDGAN works in, so a benchmark can tell "latent" from "GAN"."""
 
     name = "baseline"
+    composition_notes = {"latent+pds": "the PDS filter comes from the pixel statistics of the training images; a "
+                                       "latent filter is not built yet"}
 
     def __init__(self, N: int = 1000, schedule: str = "vp", autoencoder: str | None = None):
         if N < 1:

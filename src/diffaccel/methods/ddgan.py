@@ -63,6 +63,8 @@ class DDGAN(LatentSpace, Method):
     """Pixel-space denoising diffusion GAN (Xiao et al. 2022); the LDDGAN subclass runs it on latents."""
 
     name = "ddgan"
+    composition_notes = {"latent": "DDGAN on latents is --method lddgan",
+                         "pds": "a GAN sampler takes T <= 8 generator steps; there is no score to precondition"}
     ema_networks = ("generator",)
     sampling_network = "generator"
     default_gen_loss = "adv"
@@ -254,6 +256,9 @@ class LDDGAN(DDGAN):
     """DDGAN on the scaled latents of a trained autoencoder run (``--autoencoder AE_RUN``)."""
 
     name = "lddgan"
+    latent_only = True
+    composition_notes = {"pixel": "LDDGAN without an autoencoder is --method ddgan",
+                         "pds": DDGAN.composition_notes["pds"]}
     default_gen_loss = "adv+rec+wl"
 
     def __init__(self, autoencoder: str | None = None, **kwargs):
