@@ -1,6 +1,7 @@
 """`diffaccel export` and the diffusers pipelines: what diffusers loads must sample what `diffaccel sample` does."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -106,7 +107,8 @@ def test_raw_weights_and_model_card(runs, tmp_path):
 def test_export_errors(runs, tmp_path, capsys):
     ae = tmp_path / "ae"
     ae.mkdir()
-    (ae / "config.yaml").write_text("method: autoencoder\n")
+    config = (runs["linear"] / "config.yaml").read_text()  # a valid config, only its method changed
+    (ae / "config.yaml").write_text(re.sub(r"(?m)^method: .*$", "method: autoencoder", config))
     for argv, message in ((["export", str(tmp_path), str(tmp_path / "o")], "not a diffaccel run directory"),
                           (["export", str(runs["linear"]), str(runs["cosine"])], "not an empty folder"),
                           (["export", str(ae), str(tmp_path / "o")], "'autoencoder' runs do not export")):

@@ -75,7 +75,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, ema: bool = True, ch
     from diffaccel.runs import load_run, read_config
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    config = read_config(run_dir)
+    config = read_config(run_dir, rebuild=False)  # the method is rebuilt by load_run, once it is known to export
     _check_out(out_dir)
     from diffaccel.pipelines import PIPELINES, pipeline_for
 
