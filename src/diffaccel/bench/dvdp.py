@@ -52,7 +52,7 @@ def models(turning_points: tuple[int, ...], quick: bool, T: int = 1000) -> list[
     rows = [ModelSpec(REFERENCE, "baseline", {"N": T, "schedule": "linear"}, samplers=samplers(quick)),
             ModelSpec(f"DVDP {tag}", "dvdp", {"turning_points": tps, "T": T}, samplers=samplers(quick, "log-snr"))]
     if len(tps) == 1:
-        rows.append(ModelSpec(f"subspace {tag}", "subspace", {"turning_points": tps, "T": T},
+        rows.append(ModelSpec(f"subspace {tag}", "subspace", {"turning_points": tps, "T": T, "jump": "fitted"},
                               samplers=samplers(quick, "uniform")))
     return rows
 
