@@ -74,3 +74,11 @@ def fit_gaussian(images: torch.Tensor, full_max_pixels: int = FULL_COV_MAX_PIXEL
     coeffs = fit.to_coeffs(flat - mean)
     fit.variances = coeffs.pow(2).sum(0) / (flat.shape[0] - 1)   # unbiased, same normalisation as torch.cov
     return fit
+
+
+def fit_dataset(spec: str, resolution: int | None = None, limit: int | None = None) -> GaussianFit:
+    """``fit_gaussian`` of a dataset ``load_dataset`` knows (e.g. ``"mnist5k"``, ``"digits"``), in model space [-1, 1]."""
+    from diffaccel.data import load_dataset
+
+    data = load_dataset(spec, resolution, limit=limit)
+    return fit_gaussian(data.to_model_space(data.images))
