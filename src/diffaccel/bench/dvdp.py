@@ -149,6 +149,7 @@ def speed_table(bench: Benchmark, results: dict, out_dir: Path) -> dict:
     step_fns, sample_fns, entries = [], [], []
     for model in bench.models:
         method = build_method(model.method, model.method_kwargs)
+        method.prepare(ds, "cpu")                # as training does (subspace: fits its jump's detail variance)
         torch.manual_seed(0)
         net = method.build_networks(train["net"], tuple(ds.shape))["net"]
         opt = torch.optim.AdamW(net.parameters(), lr=train.get("lr", 1e-3))
