@@ -395,6 +395,7 @@ def test_command_line_flags():
     assert DVDP.from_args(parser.parse_args([])).turning_points == (600,)
     assert SubspaceDiffusion.from_args(parser.parse_args([])).jump_kind == "fitted"
     assert SubspaceDiffusion.from_args(parser.parse_args(["--subspace-jump", "noise"])).jump_kind == "noise"
+    assert SubspaceDiffusion.from_args(parser.parse_args(["--subspace-networks", "per-stage"])).networks == "per-stage"
     with pytest.raises(SystemExit):
         parser.parse_args(["--subspace-jump", "both"])
     assert build_method("dvdp", m.config()).config() == m.config()
@@ -572,4 +573,69 @@ def test_subspace_fits_detail_variance_when_training_starts_and_keeps_it_in_its_
     train(cfg, build_method("subspace", loaded.config()), resume=True, progress=False, log=lambda *_: None)
     # a config written before the fitted jump existed rebuilds to the noise-only jump it was sampled with
     old = build_method("subspace", {"turning_points": [20, 35], "T": 50})
-    assert old.config()["jump"] == "noise" and old.jump_std(0) == pytest.approx(old.sig[0, 20].item())
+    assert old.config() == {"turning_points": [20, 35], "T": 50} and old.jump_kind == "noise"
+    assert old.jump_std(0) == pytest.approx(old.sig[0, 20].item())
+
+
+def test_stage_networks_route_each_time_step_to_its_stage():
+    from diffaccel.methods.dvdp import StageNetworks
+
+    calls = []
+
+    def stage_net(k):
+        def f(x, t):
+            calls.append((k, x.shape[-1], sorted(t.tolist())))
+            return x + k
+        return f
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, f):
+            super().__init__()
+            self.f = f
+
+        def forward(self, x, t):
+            return self.f(x, t)
+
+    nets = StageNetworks([Wrap(stage_net(k)) for k in range(3)], (300, 600))
+    out = nets(torch.zeros(4, 1, 2, 2), torch.tensor([1.0, 300.0, 301.0, 1000.0]))
+    assert out[:, 0, 0, 0].tolist() == [0, 0, 1, 2]
+    assert calls == [(0, 2, [1.0, 300.0]), (1, 2, [301.0]), (2, 2, [1000.0])]
+    with pytest.raises(UserError, match="stage networks"):
+        StageNetworks([Wrap(stage_net(0))], (300,))
+
+
+def test_subspace_per_stage_networks_train_resume_sample_and_refuse_export(tmp_path):
+    """--subspace-networks per-stage: one UNet per stage, each built for its stage's resolution (8×8, then 4×4);
+    the loss sends each stage's images to its own network only; a tiny run trains, resumes, reloads and samples,
+    and export to diffusers is refused with one line."""
+    from diffaccel.export import export_run
+    from diffaccel.methods.dvdp import StageNetworks
+    from diffaccel.runs import load_run
+    from diffaccel.train import TrainConfig, train
+
+    method = SubspaceDiffusion(turning_points=(25,), T=50, jump="fitted", networks="per-stage")
+    nets = method.build_networks({"preset": "tiny"}, (1, 8, 8))
+    assert isinstance(nets["net"], StageNetworks)
+    s0, s1 = nets["net"].stages
+    assert s0.unet.config.sample_size == 8 and s1.unet.config.sample_size == 4
+    seen = {0: [], 1: []}
+    for k, stage in enumerate((s0, s1)):
+        stage.register_forward_hook(lambda mod, inp, out, k=k: seen[k].append((inp[0].shape[-1], inp[1].max().item())))
+    torch.manual_seed(0)
+    method.loss(nets["net"], torch.zeros(16, 1, 8, 8))
+    assert seen[0] and seen[1]
+    assert all(size == 8 and t <= 25 for size, t in seen[0]) and all(size == 4 and t > 25 for size, t in seen[1])
+    cfg = TrainConfig(data="digits", net={"preset": "tiny"}, batch_size=8, steps=1, checkpoint_every=1, log_every=1,
+                      out=str(tmp_path / "run"), device="cpu")
+    train(cfg, method, progress=False, log=lambda *_: None)
+    cfg.steps = 2
+    train(cfg, build_method("subspace", method.config()), resume=True, progress=False, log=lambda *_: None)
+    loaded, loaded_nets = load_run(tmp_path / "run")
+    assert loaded.config()["networks"] == "per-stage" and isinstance(loaded_nets["net"], StageNetworks)
+    images = loaded.sample(loaded_nets["net"], 2, (1, 8, 8), generator=torch.Generator().manual_seed(0),
+                           sampler="ddim", steps=3, progress=False)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    with pytest.raises(UserError, match="UNet2DModel"):
+        export_run(tmp_path / "run", tmp_path / "export")
+    with pytest.raises(UserError, match="networks"):
+        SubspaceDiffusion((600,), networks="many")

@@ -422,6 +422,32 @@ class DVDP(Method):
         return sum((len(times) - 1) / 4 ** (self.K - pos) for pos, times in enumerate(grid))
 
 
+class StageNetworks(nn.Module):
+    """One network per stage behind a single ``net(x_t^k, t)``: each time step goes to its stage's network, so the
+    trainer, EMA, checkpoints and samplers see one module (Jing et al. train one model per subspace)."""
+
+    def __init__(self, nets: Sequence[nn.Module], turning_points: Sequence[int]):
+        super().__init__()
+        if len(nets) != len(turning_points) + 1:
+            raise UserError(f"{len(turning_points)} turning points need {len(turning_points) + 1} stage networks, "
+                            f"got {len(nets)}")
+        self.stages = nn.ModuleList(nets)
+        self.turning_points = tuple(int(p) for p in turning_points)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tps = torch.tensor(self.turning_points, dtype=torch.long, device=t.device)
+        stage = torch.searchsorted(tps, t.round().long().contiguous(), right=False)
+        if len(stage.unique()) == 1:
+            return self.stages[int(stage[0])](x, t)
+        out = None
+        for k in stage.unique().tolist():
+            idx = (stage == k).nonzero().squeeze(1)
+            y = self.stages[k](x[idx], t[idx])
+            out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+            out[idx] = y
+        return out
+
+
 class SubspaceDiffusion(DVDP):
     """Subspace diffusion (Jing et al. 2022) on discrete time steps: DVDP with one shared schedule for all subspaces.
 
@@ -436,10 +462,14 @@ class SubspaceDiffusion(DVDP):
     equal_schedules = True
     default_step_allocation = "uniform"
     JUMPS = ("fitted", "noise")
+    NETWORKS = ("shared", "per-stage")
 
     def __init__(self, turning_points: Sequence[int] = (600,), T: int = 1000, jump: str = "noise",
-                 detail_variance: Sequence[float] | None = None):
+                 detail_variance: Sequence[float] | None = None, networks: str = "shared"):
         super().__init__(turning_points=turning_points, T=T, lambda_at_turn=0.5)
+        if networks not in self.NETWORKS:
+            raise UserError(f"subspace networks must be one of {', '.join(self.NETWORKS)}, got {networks!r}")
+        self.networks = networks
         if jump not in self.JUMPS:
             raise UserError(f"subspace jump must be one of {', '.join(self.JUMPS)}, got {jump!r}")
         if jump == "noise" and detail_variance is not None:
@@ -457,9 +487,13 @@ class SubspaceDiffusion(DVDP):
         return dv
 
     def config(self) -> dict:
-        cfg = {"turning_points": list(self.turning_points), "T": self.T, "jump": self.jump_kind}
+        cfg = {"turning_points": list(self.turning_points), "T": self.T}
+        if self.jump_kind != "noise":
+            cfg["jump"] = self.jump_kind
         if self.detail_variance is not None:
             cfg["detail_variance"] = list(self.detail_variance)
+        if self.networks != "shared":
+            cfg["networks"] = self.networks
         return cfg
 
     @staticmethod
@@ -469,14 +503,27 @@ class SubspaceDiffusion(DVDP):
                   help="subspace: at each turning point refill the dropped detail subspace with its forward marginal "
                        "variance, the data's detail variance fitted when training starts (fitted, Jing et al.; "
                        "default) or with noise only (noise)")
+        _add_once(group, "--subspace-networks", choices=SubspaceDiffusion.NETWORKS, default="shared",
+                  help="subspace: one network for every stage (shared, default) or one per stage at its own "
+                       "resolution (per-stage, Jing et al.'s setting; such runs do not export to diffusers)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "SubspaceDiffusion":
         time_steps = getattr(args, "time_steps", None)
         tps = getattr(args, "turning_points", None)
         jump = getattr(args, "subspace_jump", None) or "fitted"
+        networks = getattr(args, "subspace_networks", None) or "shared"
         return cls(turning_points=(600,) if tps is None else tps, T=1000 if time_steps is None else time_steps,
-                   jump=jump)
+                   jump=jump, networks=networks)
+
+    def build_networks(self, net_cfg: dict, image_shape: tuple[int, int, int]) -> dict[str, nn.Module]:
+        nets = super().build_networks(net_cfg, image_shape)          # checks every stage's resolution
+        if self.networks == "shared":
+            return nets
+        C, H, W = image_shape
+        stages = [nets["net"]] + [Method.build_networks(self, net_cfg, (C, H // 2**k, W // 2**k))["net"]
+                                  for k in range(1, self.K + 1)]
+        return {"net": StageNetworks(stages, self.turning_points)}
 
     def prepare(self, dataset, device):
         if self.jump_kind == "fitted" and self.detail_variance is None:
