@@ -343,6 +343,8 @@ TRAIN = ["train", "--data", "digits", "--data-limit", "16", "--preset", "tiny", 
     (["--method", "kl", "--autoencoder", "AE"], "--autoencoder is not used by method 'kl'"),
     (["--method", "baseline", "--kl-terms", "3"], "--kl-terms is not used by method 'baseline'"),
     (["--method", "subspace", "--lambda-at-turn", "0.1"], "--lambda-at-turn is not used by method 'subspace'"),
+    (["--method", "dvdp", "--subspace-jump", "noise"], "--subspace-jump is not used by method 'dvdp'"),
+    (["--method", "dvdp", "--subspace-networks", "per-stage"], "--subspace-networks is not used by method 'dvdp'"),
     (["--method", "kl", "--kl-correction", "posterior"], "--kl-correction is not used"),  # read only with --init-from
     (["--method", "ddgan", "--schedule", "cosine"], "--schedule is not used by method 'ddgan'"),
     (["--method", "baseline", "--extractor", "digits"], "--extractor only matter with --eval-every"),

@@ -393,6 +393,11 @@ def test_command_line_flags():
     assert m.turning_points == (300, 600) and m.lambda_at_turn == 1e-3
     assert SubspaceDiffusion.from_args(args).turning_points == (300, 600)
     assert DVDP.from_args(parser.parse_args([])).turning_points == (600,)
+    assert SubspaceDiffusion.from_args(parser.parse_args([])).jump_kind == "fitted"
+    assert SubspaceDiffusion.from_args(parser.parse_args(["--subspace-jump", "noise"])).jump_kind == "noise"
+    assert SubspaceDiffusion.from_args(parser.parse_args(["--subspace-networks", "per-stage"])).networks == "per-stage"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--subspace-jump", "both"])
     assert build_method("dvdp", m.config()).config() == m.config()
     with pytest.raises(SystemExit):
         parser.parse_args(["--turning-points", "3x"])
@@ -488,3 +493,149 @@ def test_stage_steps_are_honoured_and_validated():
             m.time_grid("ddim", 0, stage_steps=bad)
     with pytest.raises(UserError):
         m.stage_counts(10, "cosine")
+
+
+def test_subspace_jump_restores_the_forward_marginal_of_the_dropped_component():
+    """Jing et al.'s jump on data whose detail subspace is isotropic with variance v: the jump's output covariance
+    (exact, from the code's linear maps) equals the forward marginal q(x_{T_1}^0) once the injected variance is
+    ᾱv + (1 − ᾱ); with noise alone (v = 0 in the jump) the detail band is short by ᾱv per dimension."""
+    d, n, v = 16, 4, 0.3
+    g = torch.Generator().manual_seed(11)
+    Dm = _matrix(down, d, (1, n, n))
+    U = _matrix(up, d // 4, (1, n // 2, n // 2))
+    P = U @ Dm
+    B = torch.randn(d // 4, d // 4, generator=g, dtype=torch.float64)
+    Sigma = U @ (B @ B.T / 4 + 0.1 * torch.eye(d // 4, dtype=torch.float64)) @ U.T + v * (torch.eye(d, dtype=torch.float64) - P)
+    m = SubspaceDiffusion((600,), jump="fitted")
+    samples = torch.distributions.MultivariateNormal(torch.zeros(d, dtype=torch.float64), Sigma).sample(
+        (4000,)).view(4000, 1, n, n)
+    assert abs(m.fit_detail_variance(samples)[0] - v) < 5 * v * (2 / (4000 * 12)) ** 0.5
+    m.detail_variance = (v,)
+    cov_q, _ = _jump_covariance_error(m, Sigma, n)
+    jumped = _matrix(lambda e: m.jump(e, 0, torch.Generator().manual_seed(1))
+                     - m.jump(torch.zeros_like(e), 0, torch.Generator().manual_seed(1)), d // 4, (1, n // 2, n // 2))
+    torch.testing.assert_close(jumped, U)                              # the deterministic part of the jump is Dᵀ
+    T1 = 600
+    ab = m.lam[0, T1].item() ** 2
+    I = torch.eye(d, dtype=torch.float64)
+    cov_jump = U @ (Dm @ cov_q @ Dm.T) @ U.T + (ab * v + m.sig[0, T1].item() ** 2) * (I - P)
+    torch.testing.assert_close(cov_jump, cov_q, rtol=0, atol=1e-12)
+    # Monte Carlo on the jump itself: the injected detail noise has variance ᾱv + 1 − ᾱ (20k draws, 5 % tolerance).
+    z = m.jump(torch.zeros(20000, 1, 2, 2, dtype=torch.float64), 0, torch.Generator().manual_seed(3)).flatten(1)
+    detail_var = (z @ (I - P)).pow(2).sum(1).mean() / 12
+    assert abs(detail_var / (ab * v + 1 - ab) - 1) < 0.05
+    old = SubspaceDiffusion((600,))                                    # no detail variance: noise only
+    z0 = old.jump(torch.zeros(20000, 1, 2, 2, dtype=torch.float64), 0, torch.Generator().manual_seed(3)).flatten(1)
+    assert abs((z0 @ (I - P)).pow(2).sum(1).mean() / 12 / (1 - ab) - 1) < 0.05
+
+
+def test_subspace_detail_variance_refused_when_malformed():
+    for bad in ((0.1,), (-1.0, 0.1), (float("nan"), 0.1), ("x", 0.1)):
+        with pytest.raises(UserError, match="detail_variance"):
+            SubspaceDiffusion((300, 600), jump="fitted", detail_variance=bad)
+    with pytest.raises(UserError, match="jump"):
+        SubspaceDiffusion((600,), jump="both")
+    with pytest.raises(UserError, match="only by the fitted"):
+        SubspaceDiffusion((600,), jump="noise", detail_variance=(0.1,))
+    with pytest.raises(UserError, match="train first"):    # fitted, but never fitted: refused, not noise-only
+        SubspaceDiffusion((600,), jump="fitted").jump(torch.zeros(1, 1, 2, 2), 0)
+    with pytest.raises(UserError, match="n>=2"):
+        SubspaceDiffusion((600,), jump="fitted").fit_detail_variance(torch.zeros(1, 1, 4, 4))
+
+
+def test_subspace_fits_detail_variance_when_training_starts_and_keeps_it_in_its_config(tmp_path):
+    """The trainer's prepare hook fits v from the training images; the run's config carries it, so reloading
+    (sampling, export) and resuming rebuild the same jump. Two turning points on 8×8 digits: two values, each the
+    per-dimension variance of the data's detail component at its level, recomputed here with reshapes."""
+    from diffaccel.data import load_dataset
+    from diffaccel.runs import load_run
+    from diffaccel.train import TrainConfig, train
+
+    data = load_dataset("digits")
+    x = data.to_model_space(data.images).double()
+    expected = []
+    for _ in range(2):
+        n, c, h, w = x.shape
+        blocks = x.view(n, c, h // 2, 2, w // 2, 2)
+        detail = blocks - blocks.mean((3, 5), keepdim=True)
+        expected.append(float(detail.var(0).sum() / (c * h * w * 3 / 4)))
+        x = 2 * blocks.mean((3, 5))
+    method = SubspaceDiffusion(turning_points=(20, 35), T=50, jump="fitted")
+    cfg = TrainConfig(data="digits", net={"preset": "tiny"}, batch_size=8, steps=1, checkpoint_every=1, log_every=1,
+                      out=str(tmp_path / "run"), device="cpu")
+    run = train(cfg, method, progress=False, log=lambda *_: None)
+    assert method.detail_variance == pytest.approx(expected, rel=1e-9)
+    loaded, _ = load_run(run)
+    assert loaded.config() == method.config() and loaded.config()["jump"] == "fitted"
+    assert loaded.jump_std(0) ** 2 == pytest.approx(loaded.sig[0, 20].item() ** 2
+                                                    + loaded.lam[0, 20].item() ** 2 * expected[0])
+    cfg.steps = 2
+    train(cfg, build_method("subspace", loaded.config()), resume=True, progress=False, log=lambda *_: None)
+    # a config written before the fitted jump existed rebuilds to the noise-only jump it was sampled with
+    old = build_method("subspace", {"turning_points": [20, 35], "T": 50})
+    assert old.config() == {"turning_points": [20, 35], "T": 50} and old.jump_kind == "noise"
+    assert old.jump_std(0) == pytest.approx(old.sig[0, 20].item())
+
+
+def test_stage_networks_route_each_time_step_to_its_stage():
+    from diffaccel.methods.dvdp import StageNetworks
+
+    calls = []
+
+    def stage_net(k):
+        def f(x, t):
+            calls.append((k, x.shape[-1], sorted(t.tolist())))
+            return x + k
+        return f
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, f):
+            super().__init__()
+            self.f = f
+
+        def forward(self, x, t):
+            return self.f(x, t)
+
+    nets = StageNetworks([Wrap(stage_net(k)) for k in range(3)], (300, 600))
+    out = nets(torch.zeros(4, 1, 2, 2), torch.tensor([1.0, 300.0, 301.0, 1000.0]))
+    assert out[:, 0, 0, 0].tolist() == [0, 0, 1, 2]
+    assert calls == [(0, 2, [1.0, 300.0]), (1, 2, [301.0]), (2, 2, [1000.0])]
+    with pytest.raises(UserError, match="stage networks"):
+        StageNetworks([Wrap(stage_net(0))], (300,))
+
+
+def test_subspace_per_stage_networks_train_resume_sample_and_refuse_export(tmp_path):
+    """--subspace-networks per-stage: one UNet per stage, each built for its stage's resolution (8×8, then 4×4);
+    the loss sends each stage's images to its own network only; a tiny run trains, resumes, reloads and samples,
+    and export to diffusers is refused with one line."""
+    from diffaccel.export import export_run
+    from diffaccel.methods.dvdp import StageNetworks
+    from diffaccel.runs import load_run
+    from diffaccel.train import TrainConfig, train
+
+    method = SubspaceDiffusion(turning_points=(25,), T=50, jump="fitted", networks="per-stage")
+    nets = method.build_networks({"preset": "tiny"}, (1, 8, 8))
+    assert isinstance(nets["net"], StageNetworks)
+    s0, s1 = nets["net"].stages
+    assert s0.unet.config.sample_size == 8 and s1.unet.config.sample_size == 4
+    seen = {0: [], 1: []}
+    for k, stage in enumerate((s0, s1)):
+        stage.register_forward_hook(lambda mod, inp, out, k=k: seen[k].append((inp[0].shape[-1], inp[1].max().item())))
+    torch.manual_seed(0)
+    method.loss(nets["net"], torch.zeros(16, 1, 8, 8))
+    assert seen[0] and seen[1]
+    assert all(size == 8 and t <= 25 for size, t in seen[0]) and all(size == 4 and t > 25 for size, t in seen[1])
+    cfg = TrainConfig(data="digits", net={"preset": "tiny"}, batch_size=8, steps=1, checkpoint_every=1, log_every=1,
+                      out=str(tmp_path / "run"), device="cpu")
+    train(cfg, method, progress=False, log=lambda *_: None)
+    cfg.steps = 2
+    train(cfg, build_method("subspace", method.config()), resume=True, progress=False, log=lambda *_: None)
+    loaded, loaded_nets = load_run(tmp_path / "run")
+    assert loaded.config()["networks"] == "per-stage" and isinstance(loaded_nets["net"], StageNetworks)
+    images = loaded.sample(loaded_nets["net"], 2, (1, 8, 8), generator=torch.Generator().manual_seed(0),
+                           sampler="ddim", steps=3, progress=False)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    with pytest.raises(UserError, match="UNet2DModel"):
+        export_run(tmp_path / "run", tmp_path / "export")
+    with pytest.raises(UserError, match="networks"):
+        SubspaceDiffusion((600,), networks="many")

@@ -19,6 +19,8 @@ BENCHMARKS: dict[str, str] = {
     "pds-filters": "diffaccel.bench.pds:run_filter_sweep",
     "fid-sanity": "diffaccel.bench.fid_sanity:run",
     "lddgan": "diffaccel.bench.lddgan:run",
+    "samplers": "diffaccel.bench.samplers:run",
+    "samplers-t1": "diffaccel.bench.samplers:run_t1_sweep",
 }
 
 

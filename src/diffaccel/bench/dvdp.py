@@ -52,7 +52,7 @@ def models(turning_points: tuple[int, ...], quick: bool, T: int = 1000) -> list[
     rows = [ModelSpec(REFERENCE, "baseline", {"N": T, "schedule": "linear"}, samplers=samplers(quick)),
             ModelSpec(f"DVDP {tag}", "dvdp", {"turning_points": tps, "T": T}, samplers=samplers(quick, "log-snr"))]
     if len(tps) == 1:
-        rows.append(ModelSpec(f"subspace {tag}", "subspace", {"turning_points": tps, "T": T},
+        rows.append(ModelSpec(f"subspace {tag}", "subspace", {"turning_points": tps, "T": T, "jump": "fitted"},
                               samplers=samplers(quick, "uniform")))
     return rows
 
@@ -149,6 +149,7 @@ def speed_table(bench: Benchmark, results: dict, out_dir: Path) -> dict:
     step_fns, sample_fns, entries = [], [], []
     for model in bench.models:
         method = build_method(model.method, model.method_kwargs)
+        method.prepare(ds, "cpu")                # as training does (subspace: fits its jump's detail variance)
         torch.manual_seed(0)
         net = method.build_networks(train["net"], tuple(ds.shape))["net"]
         opt = torch.optim.AdamW(net.parameters(), lr=train.get("lr", 1e-3))

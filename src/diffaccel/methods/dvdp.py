@@ -422,19 +422,153 @@ class DVDP(Method):
         return sum((len(times) - 1) / 4 ** (self.K - pos) for pos, times in enumerate(grid))
 
 
+class StageNetworks(nn.Module):
+    """One network per stage behind a single ``net(x_t^k, t)``: each time step goes to its stage's network, so the
+    trainer, EMA, checkpoints and samplers see one module (Jing et al. train one model per subspace)."""
+
+    def __init__(self, nets: Sequence[nn.Module], turning_points: Sequence[int]):
+        super().__init__()
+        if len(nets) != len(turning_points) + 1:
+            raise UserError(f"{len(turning_points)} turning points need {len(turning_points) + 1} stage networks, "
+                            f"got {len(nets)}")
+        self.stages = nn.ModuleList(nets)
+        self.turning_points = tuple(int(p) for p in turning_points)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tps = torch.tensor(self.turning_points, dtype=torch.long, device=t.device)
+        stage = torch.searchsorted(tps, t.round().long().contiguous(), right=False)
+        if len(stage.unique()) == 1:
+            return self.stages[int(stage[0])](x, t)
+        out = None
+        for k in stage.unique().tolist():
+            idx = (stage == k).nonzero().squeeze(1)
+            y = self.stages[k](x[idx], t[idx])
+            out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+            out[idx] = y
+        return out
+
+
 class SubspaceDiffusion(DVDP):
     """Subspace diffusion (Jing et al. 2022) on discrete time steps: DVDP with one shared schedule for all subspaces.
 
     Every subspace follows DDPM's linear schedule, so the data component λ̄_{T_k}·v dropped at each turning point is
-    not small (λ̄ ≈ 0.16 at t = 600); the jump still adds the noise of the dropped detail subspace (§4.4).
+    not small (λ̄ ≈ 0.16 at t = 600). ``jump="fitted"`` (Jing et al.) refills the dropped detail subspace with its
+    marginal variance ᾱ·v + (1 − ᾱ), v = ``detail_variance`` fitted to the training data when training starts and
+    stored in the config; ``jump="noise"`` adds the noise part 1 − ᾱ only (DVDP's eq. 11, and what runs whose config
+    predates the fitted jump rebuild to).
     """
 
     name = "subspace"
     equal_schedules = True
     default_step_allocation = "uniform"
+    JUMPS = ("fitted", "noise")
+    NETWORKS = ("shared", "per-stage")
 
-    def __init__(self, turning_points: Sequence[int] = (600,), T: int = 1000):
+    def __init__(self, turning_points: Sequence[int] = (600,), T: int = 1000, jump: str = "noise",
+                 detail_variance: Sequence[float] | None = None, networks: str = "shared"):
         super().__init__(turning_points=turning_points, T=T, lambda_at_turn=0.5)
+        if networks not in self.NETWORKS:
+            raise UserError(f"subspace networks must be one of {', '.join(self.NETWORKS)}, got {networks!r}")
+        self.networks = networks
+        if jump not in self.JUMPS:
+            raise UserError(f"subspace jump must be one of {', '.join(self.JUMPS)}, got {jump!r}")
+        if jump == "noise" and detail_variance is not None:
+            raise UserError("detail_variance is used only by the fitted subspace jump; drop it or use jump='fitted'")
+        self.jump_kind = jump
+        self.detail_variance = None if detail_variance is None else self._checked_variance(detail_variance)
+
+    def _checked_variance(self, values) -> tuple[float, ...]:
+        try:
+            dv = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            raise UserError(f"detail_variance needs {self.K} numbers (one per turning point), got {values!r}") from None
+        if len(dv) != self.K or not all(math.isfinite(v) and v >= 0 for v in dv):
+            raise UserError(f"detail_variance needs {self.K} finite values >= 0 (one per turning point), got {list(dv)}")
+        return dv
 
     def config(self) -> dict:
-        return {"turning_points": list(self.turning_points), "T": self.T}
+        cfg = {"turning_points": list(self.turning_points), "T": self.T}
+        if self.jump_kind != "noise":
+            cfg["jump"] = self.jump_kind
+        if self.detail_variance is not None:
+            cfg["detail_variance"] = list(self.detail_variance)
+        if self.networks != "shared":
+            cfg["networks"] = self.networks
+        return cfg
+
+    @staticmethod
+    def add_arguments(group: argparse._ArgumentGroup) -> None:
+        DVDP.add_arguments(group)
+        _add_once(group, "--subspace-jump", choices=SubspaceDiffusion.JUMPS, default="fitted",
+                  help="subspace: at each turning point refill the dropped detail subspace with its forward marginal "
+                       "variance, the data's detail variance fitted when training starts (fitted, Jing et al.; "
+                       "default) or with noise only (noise)")
+        _add_once(group, "--subspace-networks", choices=SubspaceDiffusion.NETWORKS, default="shared",
+                  help="subspace: one network for every stage (shared, default) or one per stage at its own "
+                       "resolution (per-stage, Jing et al.'s setting; such runs do not export to diffusers)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SubspaceDiffusion":
+        time_steps = getattr(args, "time_steps", None)
+        tps = getattr(args, "turning_points", None)
+        jump = getattr(args, "subspace_jump", None) or "fitted"
+        networks = getattr(args, "subspace_networks", None) or "shared"
+        return cls(turning_points=(600,) if tps is None else tps, T=1000 if time_steps is None else time_steps,
+                   jump=jump, networks=networks)
+
+    def build_networks(self, net_cfg: dict, image_shape: tuple[int, int, int]) -> dict[str, nn.Module]:
+        nets = super().build_networks(net_cfg, image_shape)          # checks every stage's resolution
+        if self.networks == "shared":
+            return nets
+        C, H, W = image_shape
+        stages = [nets["net"]] + [Method.build_networks(self, net_cfg, (C, H // 2**k, W // 2**k))["net"]
+                                  for k in range(1, self.K + 1)]
+        return {"net": StageNetworks(stages, self.turning_points)}
+
+    def prepare(self, dataset, device):
+        if self.jump_kind == "fitted" and self.detail_variance is None:
+            images = dataset.images[: 10_000]             # plenty for one variance per turning point
+            self.fit_detail_variance(dataset.to_model_space(images))
+        return dataset
+
+    def fit_detail_variance(self, x0: torch.Tensor) -> tuple[float, ...]:
+        """Per turning point T_{i+1}: the data's variance per dimension in the detail subspace dropped there.
+
+        That subspace lives at resolution level i (x0^i = D^i x0); its dimension is 3/4 of the level's pixels.
+        Jing et al. model the discarded component as isotropic, so one number per turning point is the fit.
+        Sets ``detail_variance`` and switches the jump to ``fitted``.
+        """
+        if x0.ndim != 4 or x0.shape[0] < 2:
+            raise UserError(f"fit_detail_variance needs images [n>=2, C, H, W], got {tuple(x0.shape)}")
+        if not torch.isfinite(x0).all():
+            raise UserError("fit_detail_variance: images contain NaN or inf")
+        self.check_image_size(x0.shape[-2], x0.shape[-1])
+        out, xi = [], x0.double()
+        for _ in range(self.K):
+            detail = xi - block_mean(xi, 1)
+            centred = detail - detail.mean(0, keepdim=True)
+            dims = detail[0].numel() * 3 / 4
+            out.append(float(centred.pow(2).sum() / (x0.shape[0] - 1) / dims))
+            xi = down(xi)
+        self.jump_kind, self.detail_variance = "fitted", tuple(out)
+        return self.detail_variance
+
+    def jump_std(self, turn_index: int) -> float:
+        """Std of the noise the jump at T_{turn_index+1} puts in the dropped detail subspace."""
+        i, tp = turn_index, self.turning_points[turn_index]
+        var = self.sig[i, tp].item() ** 2
+        if self.jump_kind == "fitted":
+            if self.detail_variance is None:
+                raise UserError("the fitted subspace jump needs the data's detail variance: train first (it is "
+                                "fitted when training starts) or call fit_detail_variance")
+            var += self.lam[i, tp].item() ** 2 * self.detail_variance[i]
+        return math.sqrt(var)
+
+    def jump(self, x: torch.Tensor, turn_index: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Jing et al.'s jump: x^{k−1} = Dᵀx^k + s·(I − P)ε with s² the marginal variance of the discarded component
+        at T_k, ᾱ·v + (1 − ᾱ) (v = ``detail_variance``): the data signal λ̄·v_data is not small on DDPM's schedule
+        (λ̄ ≈ 0.16 at t = 600), so noise alone (s² = 1 − ᾱ, ``jump="noise"``) under-fills the detail subspace."""
+        std = self.jump_std(turn_index)
+        xu = up(x)
+        eps = torch.randn(xu.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return xu + std * (eps - block_mean(eps, 1))
