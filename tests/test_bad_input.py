@@ -655,3 +655,22 @@ def test_an_empty_out_and_a_missing_checkpoint_folder_are_named(good_run, tmp_pa
     assert code == 2 and "does not exist" in err
     code, _, err = call([*TRAIN, "--method", "score-ve", "--sigma-max", "1e300", "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "--sigma-max must be in [0, 100000]" in err
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"sampler": "pc", "snr": float("inf")}, "snr must be a finite number > 0"),
+    ({"sampler": "pc", "snr": float("nan")}, "snr must be a finite number > 0"),
+    ({"sampler": "ald", "step_lr": float("inf")}, "a finite --step-lr > 0"),
+    ({"sampler": "ald", "step_lr": float("nan")}, "a finite --step-lr > 0"),
+    ({"sampler": "ald", "steps_each": 0}, "--steps-each >= 1"),
+])
+def test_score_ve_refuses_non_finite_sampler_steps(options, message):
+    import argparse
+
+    from diffaccel.errors import UserError
+    from diffaccel.methods.score_ve import ScoreVE
+
+    args = argparse.Namespace(steps=None, eta=None, **options)
+    with pytest.raises(UserError, match=message) as info:
+        ScoreVE(sigma_max=1.0).sampler_options(args)
+    assert len(str(info.value).splitlines()) == 1

@@ -87,8 +87,8 @@ def check_pc_options(predictor: str, corrector_steps: int, snr: float) -> None:
         raise UserError(f"the number of corrector steps must be an integer >= 0, got {corrector_steps}")
     if predictor == "none" and corrector_steps == 0:
         raise UserError("predictor 'none' with 0 corrector steps would not sample at all")
-    if corrector_steps > 0 and not snr > 0:
-        raise UserError(f"the corrector's snr must be > 0, got {snr}")
+    if corrector_steps > 0 and not (snr > 0 and math.isfinite(snr)):
+        raise UserError(f"the corrector's snr must be a finite number > 0, got {snr}")
 
 
 def pc_nfe(steps: int, predictor: str = "reverse-diffusion", corrector_steps: int = 1) -> int:
@@ -162,8 +162,8 @@ def ald_sampler(score_fn: ScoreFn, shape: tuple[int, ...], sigmas: torch.Tensor,
     """
     if int(steps_each) != steps_each or steps_each < 1:
         raise UserError(f"annealed Langevin needs >= 1 step per noise level, got {steps_each}")
-    if not step_lr > 0:
-        raise UserError(f"annealed Langevin's step_lr must be > 0, got {step_lr}")
+    if not (step_lr > 0 and math.isfinite(step_lr)):
+        raise UserError(f"annealed Langevin's step_lr must be a finite number > 0, got {step_lr}")
     pre = preconditioner
     guard = _Guard(pre, safeguard, safeguard_log)
     x = sigmas[0].item() * _noise(pre, shape, generator, device, dtype)

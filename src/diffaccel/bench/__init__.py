@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "baseline-speed": "diffaccel.bench.baseline_speed:run",
     "pds": "diffaccel.bench.pds:run",
     "pds-filters": "diffaccel.bench.pds:run_filter_sweep",
+    "pds-exact": "diffaccel.bench.pds_exact:run",
     "fid-sanity": "diffaccel.bench.fid_sanity:run",
     "lddgan": "diffaccel.bench.lddgan:run",
     "samplers": "diffaccel.bench.samplers:run",

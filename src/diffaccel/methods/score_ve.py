@@ -185,9 +185,9 @@ class ScoreVE(Method):
             raise UserError(f"unknown sampler {sampler!r} for score-ve; choose {' or '.join(SAMPLERS)}")
         if sampler == "pc":
             check_pc_options(predictor, corrector_steps, snr)
-        elif int(steps_each) != steps_each or steps_each < 1 or not step_lr > 0:
-            raise UserError(f"annealed Langevin needs --steps-each >= 1 and --step-lr > 0, got {steps_each} and "
-                            f"{step_lr}")
+        elif int(steps_each) != steps_each or steps_each < 1 or not (step_lr > 0 and math.isfinite(step_lr)):
+            raise UserError(f"annealed Langevin needs --steps-each >= 1 and a finite --step-lr > 0, got {steps_each} "
+                            f"and {step_lr}")
 
     def nfe(self, sampler: str = "pc", steps: int | None = None, predictor: str = "reverse-diffusion",
             corrector_steps: int = 1, steps_each: int = 1, **_) -> int:
