@@ -406,3 +406,22 @@ def test_benchmark_quick_run_writes_results(tmp_path):
     for name in ("results.json", "results.md", "results.png", "samples_kl-8d-b16-2nd_ddim-2.png"):
         assert (tmp_path / "kl" / name).is_file(), name
     assert all(math.isfinite(r["fid[digits]"].mean) and r["train_sec_per_step"].mean > 0 for r in out["rows"])
+
+
+def test_eq19_per_image_equals_noise_prediction_error_of_the_assembled_epsilon():
+    """Each image is trained at one t, so (1/t)‖Σ phi_m (Z_m − Ẑ_m)‖² = ‖Z' − ε̂‖² with Z' of eq. 16 and ε̂ of
+    eq. 24: KL training is noise prediction of Z' by an output assembled from M evaluations."""
+    M, N, B = 8, 20, 6
+    method = KLDiffusion(M=M, N=N)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(B, 1, 8, 8, generator=g) * 2 - 1
+    k = torch.tensor([1, 2, 7, 13, 19, 20])
+    z = torch.randn(B, M, 1, 8, 8, generator=g)
+    net = build_unet("tiny", 1, 1, 8).eval()
+    x_t, z_prime = method.noised(x0, k, z)
+    with torch.no_grad():
+        eps_hat = method.epsilon(net, x_t, k)
+        for i in range(B):  # a batch of one image: the loss of that image
+            loss_i = method.loss(net, x0[i:i + 1], k=k[i:i + 1], z=z[i:i + 1])
+            target = (z_prime[i] - eps_hat[i]).square().mean()
+            torch.testing.assert_close(loss_i, target, rtol=2e-6, atol=1e-7)
