@@ -425,3 +425,48 @@ def test_eq19_per_image_equals_noise_prediction_error_of_the_assembled_epsilon()
             loss_i = method.loss(net, x0[i:i + 1], k=k[i:i + 1], z=z[i:i + 1])
             target = (z_prime[i] - eps_hat[i]).square().mean()
             torch.testing.assert_close(loss_i, target, rtol=2e-6, atol=1e-7)
+
+
+def _h_by_quad(t, m):
+    """h_m(t) = ∫_0^t √beta(s)·mu(t)/mu(s)·phi_m'(s) ds by adaptive quadrature (independent of kl.h)."""
+    log_mu = lambda s: -(0.1 * s + 9.95 * s * s) / 2  # noqa: E731
+    f = lambda s: math.sqrt(0.1 + 19.9 * s) * math.exp(log_mu(t) - log_mu(s)) * math.sqrt(2) * math.cos(
+        (2 * m - 1) * math.pi * s / 2)  # noqa: E731
+    return integrate.quad(f, 0, t, limit=200, epsabs=1e-13, epsrel=1e-12)[0]
+
+
+@pytest.mark.parametrize("variance", ["kl", "kl-h"])
+def test_kl_variance_baseline_draws_noise_of_the_kl_variance(variance):
+    """"kl": v(t) = Σ_m phi_m(t)²/t = Var Z' (eq. 16), 0.68 at t = 0.05 and 0.97 at t = 1 for M = 8;
+    "kl-h": v(t) = Σ_m h_m(t)²/sigma(t)² of the exact expansion (eq. 12), 0.61 and 0.55 there."""
+    from diffaccel.methods.baseline import Baseline
+
+    M, N = 8, 20
+    method = Baseline(N=N, noise_variance=variance, kl_terms=M)
+    sigma2 = lambda t: 1 - math.exp(-(0.1 * t + 9.95 * t * t))  # noqa: E731
+    phi2 = lambda t, m: (2 * math.sqrt(2) / ((2 * m - 1) * math.pi) * math.sin((2 * m - 1) * math.pi * t / 2)) ** 2
+    expected = {"kl": (0.676, 0.975), "kl-h": (0.606, 0.547)}[variance]
+    for k, value in zip((1, N), expected):
+        t = k / N
+        if variance == "kl":
+            v_ref = sum(phi2(t, m) for m in range(1, M + 1)) / t
+        else:
+            v_ref = sum(_h_by_quad(t, m) ** 2 for m in range(1, M + 1)) / sigma2(t)
+        assert abs(float(method.variance[k]) - v_ref) < 1e-10
+        assert abs(v_ref - value) < 0.001
+    # Monte-Carlo: 20k draws per index, the sample variance's relative std is √(2/20k) = 0.01; 5 std allowed
+    n = 400_000
+    k = torch.arange(1, N + 1).repeat(n // N)
+    noise = method.draw_noise(torch.zeros(len(k), 1, 1, 1, dtype=torch.float64), k,
+                              generator=torch.Generator().manual_seed(0))
+    for kk in (1, 5, 20):
+        sel = noise[k == kk].flatten()
+        rel = float(sel.var()) / float(method.variance[kk]) - 1
+        assert abs(rel) < 5 * math.sqrt(2 / len(sel)), (kk, rel)
+    # the unit baseline is untouched, and a saved unit run rebuilds from its old two-key config
+    assert Baseline(N=N).config() == {"N": N, "schedule": "vp"} and Baseline(N=N).variance is None
+    assert Baseline(**method.config()).config() == method.config()
+    with pytest.raises(UserError, match="noise-variance"):
+        Baseline(noise_variance="half")
+    with pytest.raises(UserError, match="VP"):
+        Baseline(schedule="cosine", noise_variance=variance)
