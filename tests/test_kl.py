@@ -470,3 +470,35 @@ def test_kl_variance_baseline_draws_noise_of_the_kl_variance(variance):
         Baseline(noise_variance="half")
     with pytest.raises(UserError, match="VP"):
         Baseline(schedule="cosine", noise_variance=variance)
+
+
+def test_normalized_partial_loss_has_unit_scale_and_unit_order_gradient_at_initialisation():
+    """Eq. 20 divided by M'·H_N: a zero network scores 1 in expectation (as eq. 19 scores Σphi²/t ≈ 1); at the
+    initialisation of a tiny UNet its gradient norm is of the order of eq. 19's, the plain loss's M'·H_N times
+    larger."""
+    M, N, Mp = 8, 20, 4
+    plain = KLDiffusion(M=M, N=N, partial=Mp)
+    normed = KLDiffusion(M=M, N=N, partial=Mp, partial_normalized=True)
+    assert abs(normed.partial_scale() - Mp * sum(1 / k for k in range(1, N + 1))) < 1e-12
+    # zero network: E = 1; 20k images × 4 terms × 4 pixels, relative std of the mean ≈ √2·(std of 1/t ÷ E 1/t)/√20k
+    x0 = torch.rand(20000, 1, 2, 2) * 2 - 1
+    zero = normed.loss(lambda x, t: torch.zeros_like(x), x0, generator=torch.Generator().manual_seed(0))
+    assert abs(float(zero) - 1) < 0.05  # std of this estimate ≈ 0.012 (1/t_k has relative std ≈ 1.6)
+
+    def grad_norm(method, seed):
+        torch.manual_seed(0)  # the same initialisation for every loss
+        net = build_unet("tiny", 1, 1, 8)
+        x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        method.loss(net, x, generator=torch.Generator().manual_seed(seed)).backward()
+        return float(torch.cat([p.grad.flatten() for p in net.parameters()]).norm())
+
+    for seed in range(3):
+        g_plain, g_norm = grad_norm(plain, seed), grad_norm(normed, seed)
+        g_full = grad_norm(KLDiffusion(M=M, N=N), seed)
+        assert abs(g_plain / g_norm / normed.partial_scale() - 1) < 1e-4  # same draws: exactly the scale apart
+        assert 0.2 < g_norm / g_full < 5, (g_norm, g_full)
+        assert g_plain > 5 * g_full
+    assert normed.config()["partial_normalized"] is True and "partial_normalized" not in plain.config()
+    assert KLDiffusion(**normed.config()).partial_normalized
+    with pytest.raises(UserError, match="kl-partial"):
+        KLDiffusion(partial_normalized=True)
