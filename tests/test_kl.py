@@ -502,3 +502,48 @@ def test_normalized_partial_loss_has_unit_scale_and_unit_order_gradient_at_initi
     assert KLDiffusion(**normed.config()).partial_normalized
     with pytest.raises(UserError, match="kl-partial"):
         KLDiffusion(partial_normalized=True)
+
+
+def test_term_embedding_changes_only_the_conditioning():
+    """--kl-term-embedding: the network sees time index k for every term and the term m−1 as a label whose
+    learned embedding is added to the time embedding; loss, noise and aggregation are those of eq. 19 / 24."""
+    calls = []
+
+    class Recorder(nn.Module):
+        def forward(self, x, t, labels=None):
+            calls.append((t.clone(), labels.clone()))
+            return torch.zeros_like(x)
+
+    M, N = 4, 20
+    KLDiffusion(M=M, N=N, term_embedding=True).loss(Recorder(), torch.zeros(2, 1, 4, 4), k=torch.tensor([3, 20]))
+    (t, labels), = calls
+    assert t.view(2, M).tolist() == [[3.0] * M, [20.0] * M] and labels.view(2, M).tolist() == [list(range(M))] * 2
+    # the network is the default one plus an [M, temb] embedding table; with that table zeroed and the other
+    # weights equal, every term's prediction is the default network's m = 1 term (index N·0 + k = k)
+    plain, embed = KLDiffusion(M=M, N=N), KLDiffusion(M=M, N=N, term_embedding=True)
+    torch.manual_seed(0)
+    net = plain.build_networks({"preset": "tiny"}, (1, 8, 8))["net"].eval()
+    net_e = embed.build_networks({"preset": "tiny"}, (1, 8, 8))["net"].eval()
+    extra = set(net_e.state_dict()) - set(net.state_dict())
+    assert extra == {"unet.class_embedding.weight"} and set(net.state_dict()) <= set(net_e.state_dict())
+    state = {**net.state_dict(), "unet.class_embedding.weight": torch.zeros(M, net_e.unet.time_embedding.linear_2
+                                                                             .out_features)}
+    net_e.load_state_dict(state)
+    g = torch.Generator().manual_seed(3)
+    x, k = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([1, 9, 20])
+    z = torch.randn(3, M, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        first = plain.coefficients(net, x, k)[:, :1]
+        torch.testing.assert_close(embed.coefficients(net_e, x, k), first.expand(-1, M, -1, -1, -1))
+        # same loss function: eq. 19 of these coefficients
+        t = k.double() / N
+        x_t, _ = embed.noised(x, k, z)
+        torch.testing.assert_close(embed.loss(net_e, x, k=k, z=z),
+                                   kl_loss(z, embed.coefficients(net_e, x_t, k), phi(t, M), t).mean())
+        # a non-zero embedding makes the terms differ
+        net_e.unet.class_embedding.weight.normal_()
+        c = embed.coefficients(net_e, x, k)
+        assert (c[:, 0] - c[:, 1]).abs().max() > 1e-4
+    assert KLDiffusion(**embed.config()).term_embedding and "term_embedding" not in plain.config()
+    with pytest.raises(UserError, match="1st variant"):
+        KLDiffusion(variant="2nd", term_embedding=True)

@@ -31,10 +31,12 @@ class DiffusersAdapter(nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels``: integer class indices for a UNet built with ``num_class_embeds`` (its learned embedding is
+        added to the time embedding); KL diffusion's term-embedding variant passes the basis index there."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        return self.unet(x, t).sample
+        return self.unet(x, t, class_labels=labels).sample
 
     @property
     def config(self):
