@@ -402,10 +402,16 @@ def test_benchmark_quick_run_writes_results(tmp_path):
 
     out = run(tmp_path / "kl", quick=True)
     labels = {r["model"] for r in out["rows"]}
-    assert labels == {"Baseline-b16", "Baseline-b128", "KL-8d-b16 (1st)", "KL-8d-b16 (2nd)", "KL-8d4-b16 (partial)"}
+    assert labels == {"Baseline-b16", "Baseline-b128", "KL-8d-b16 (1st)", "KL-8d-b16 (2nd)", "KL-8d4-b16 (partial)",
+                      "KL-8d4-b16 (partial, normalised)", "Baseline-b16 N=20", "Baseline-b16 N=20 v(t)-noise",
+                      "KL-8d-b16 (1st, m-embedding)"}
     for name in ("results.json", "results.md", "results.png", "samples_kl-8d-b16-2nd_ddim-2.png"):
         assert (tmp_path / "kl" / name).is_file(), name
     assert all(math.isfinite(r["fid[digits]"].mean) and r["train_sec_per_step"].mean > 0 for r in out["rows"])
+    # every curve point carries steps, seconds and images processed (step × batch) for the three plots
+    for label, curves in out["curves"].items():
+        batch = 128 if label == "Baseline-b128" else 16
+        assert all(p["images"] == p["step"] * batch for p in curves["fid[digits]"])
 
 
 def test_eq19_per_image_equals_noise_prediction_error_of_the_assembled_epsilon():
