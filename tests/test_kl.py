@@ -402,7 +402,154 @@ def test_benchmark_quick_run_writes_results(tmp_path):
 
     out = run(tmp_path / "kl", quick=True)
     labels = {r["model"] for r in out["rows"]}
-    assert labels == {"Baseline-b16", "Baseline-b128", "KL-8d-b16 (1st)", "KL-8d-b16 (2nd)", "KL-8d4-b16 (partial)"}
+    assert labels == {"Baseline-b16", "Baseline-b128", "KL-8d-b16 (1st)", "KL-8d-b16 (2nd)", "KL-8d4-b16 (partial)",
+                      "KL-8d4-b16 (partial, normalised)", "Baseline-b16 N=20", "Baseline-b16 N=20 v(t)-noise",
+                      "KL-8d-b16 (1st, m-embedding)"}
     for name in ("results.json", "results.md", "results.png", "samples_kl-8d-b16-2nd_ddim-2.png"):
         assert (tmp_path / "kl" / name).is_file(), name
     assert all(math.isfinite(r["fid[digits]"].mean) and r["train_sec_per_step"].mean > 0 for r in out["rows"])
+    # every curve point carries steps, seconds and images processed (step × batch) for the three plots
+    for label, curves in out["curves"].items():
+        batch = 128 if label == "Baseline-b128" else 16
+        assert all(p["images"] == p["step"] * batch for p in curves["fid[digits]"])
+
+
+def test_eq19_per_image_equals_noise_prediction_error_of_the_assembled_epsilon():
+    """Each image is trained at one t, so (1/t)‖Σ phi_m (Z_m − Ẑ_m)‖² = ‖Z' − ε̂‖² with Z' of eq. 16 and ε̂ of
+    eq. 24: KL training is noise prediction of Z' by an output assembled from M evaluations."""
+    M, N, B = 8, 20, 6
+    method = KLDiffusion(M=M, N=N)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(B, 1, 8, 8, generator=g) * 2 - 1
+    k = torch.tensor([1, 2, 7, 13, 19, 20])
+    z = torch.randn(B, M, 1, 8, 8, generator=g)
+    net = build_unet("tiny", 1, 1, 8).eval()
+    x_t, z_prime = method.noised(x0, k, z)
+    with torch.no_grad():
+        eps_hat = method.epsilon(net, x_t, k)
+        for i in range(B):  # a batch of one image: the loss of that image
+            loss_i = method.loss(net, x0[i:i + 1], k=k[i:i + 1], z=z[i:i + 1])
+            target = (z_prime[i] - eps_hat[i]).square().mean()
+            torch.testing.assert_close(loss_i, target, rtol=2e-6, atol=1e-7)
+
+
+def _h_by_quad(t, m):
+    """h_m(t) = ∫_0^t √beta(s)·mu(t)/mu(s)·phi_m'(s) ds by adaptive quadrature (independent of kl.h)."""
+    log_mu = lambda s: -(0.1 * s + 9.95 * s * s) / 2  # noqa: E731
+    f = lambda s: math.sqrt(0.1 + 19.9 * s) * math.exp(log_mu(t) - log_mu(s)) * math.sqrt(2) * math.cos(
+        (2 * m - 1) * math.pi * s / 2)  # noqa: E731
+    return integrate.quad(f, 0, t, limit=200, epsabs=1e-13, epsrel=1e-12)[0]
+
+
+@pytest.mark.parametrize("variance", ["kl", "kl-h"])
+def test_kl_variance_baseline_draws_noise_of_the_kl_variance(variance):
+    """"kl": v(t) = Σ_m phi_m(t)²/t = Var Z' (eq. 16), 0.68 at t = 0.05 and 0.97 at t = 1 for M = 8;
+    "kl-h": v(t) = Σ_m h_m(t)²/sigma(t)² of the exact expansion (eq. 12), 0.61 and 0.55 there."""
+    from diffaccel.methods.baseline import Baseline
+
+    M, N = 8, 20
+    method = Baseline(N=N, noise_variance=variance, kl_terms=M)
+    sigma2 = lambda t: 1 - math.exp(-(0.1 * t + 9.95 * t * t))  # noqa: E731
+    phi2 = lambda t, m: (2 * math.sqrt(2) / ((2 * m - 1) * math.pi) * math.sin((2 * m - 1) * math.pi * t / 2)) ** 2
+    expected = {"kl": (0.676, 0.975), "kl-h": (0.606, 0.547)}[variance]
+    for k, value in zip((1, N), expected):
+        t = k / N
+        if variance == "kl":
+            v_ref = sum(phi2(t, m) for m in range(1, M + 1)) / t
+        else:
+            v_ref = sum(_h_by_quad(t, m) ** 2 for m in range(1, M + 1)) / sigma2(t)
+        assert abs(float(method.variance[k]) - v_ref) < 1e-10
+        assert abs(v_ref - value) < 0.001
+    # Monte-Carlo: 20k draws per index, the sample variance's relative std is √(2/20k) = 0.01; 5 std allowed
+    n = 400_000
+    k = torch.arange(1, N + 1).repeat(n // N)
+    noise = method.draw_noise(torch.zeros(len(k), 1, 1, 1, dtype=torch.float64), k,
+                              generator=torch.Generator().manual_seed(0))
+    for kk in (1, 5, 20):
+        sel = noise[k == kk].flatten()
+        rel = float(sel.var()) / float(method.variance[kk]) - 1
+        assert abs(rel) < 5 * math.sqrt(2 / len(sel)), (kk, rel)
+    # the unit baseline is untouched, and a saved unit run rebuilds from its old two-key config
+    assert Baseline(N=N).config() == {"N": N, "schedule": "vp"} and Baseline(N=N).variance is None
+    assert Baseline(**method.config()).config() == method.config()
+    with pytest.raises(UserError, match="noise-variance"):
+        Baseline(noise_variance="half")
+    with pytest.raises(UserError, match="VP"):
+        Baseline(schedule="cosine", noise_variance=variance)
+
+
+def test_normalized_partial_loss_has_unit_scale_and_unit_order_gradient_at_initialisation():
+    """Eq. 20 divided by M'·H_N: a zero network scores 1 in expectation (as eq. 19 scores Σphi²/t ≈ 1); at the
+    initialisation of a tiny UNet its gradient norm is of the order of eq. 19's, the plain loss's M'·H_N times
+    larger."""
+    M, N, Mp = 8, 20, 4
+    plain = KLDiffusion(M=M, N=N, partial=Mp)
+    normed = KLDiffusion(M=M, N=N, partial=Mp, partial_normalized=True)
+    assert abs(normed.partial_scale() - Mp * sum(1 / k for k in range(1, N + 1))) < 1e-12
+    # zero network: E = 1; 20k images × 4 terms × 4 pixels, relative std of the mean ≈ √2·(std of 1/t ÷ E 1/t)/√20k
+    x0 = torch.rand(20000, 1, 2, 2) * 2 - 1
+    zero = normed.loss(lambda x, t: torch.zeros_like(x), x0, generator=torch.Generator().manual_seed(0))
+    assert abs(float(zero) - 1) < 0.05  # std of this estimate ≈ 0.012 (1/t_k has relative std ≈ 1.6)
+
+    def grad_norm(method, seed):
+        torch.manual_seed(0)  # the same initialisation for every loss
+        net = build_unet("tiny", 1, 1, 8)
+        x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        method.loss(net, x, generator=torch.Generator().manual_seed(seed)).backward()
+        return float(torch.cat([p.grad.flatten() for p in net.parameters()]).norm())
+
+    for seed in range(3):
+        g_plain, g_norm = grad_norm(plain, seed), grad_norm(normed, seed)
+        g_full = grad_norm(KLDiffusion(M=M, N=N), seed)
+        assert abs(g_plain / g_norm / normed.partial_scale() - 1) < 1e-4  # same draws: exactly the scale apart
+        assert 0.2 < g_norm / g_full < 5, (g_norm, g_full)
+        assert g_plain > 5 * g_full
+    assert normed.config()["partial_normalized"] is True and "partial_normalized" not in plain.config()
+    assert KLDiffusion(**normed.config()).partial_normalized
+    with pytest.raises(UserError, match="kl-partial"):
+        KLDiffusion(partial_normalized=True)
+
+
+def test_term_embedding_changes_only_the_conditioning():
+    """--kl-term-embedding: the network sees time index k for every term and the term m−1 as a label whose
+    learned embedding is added to the time embedding; loss, noise and aggregation are those of eq. 19 / 24."""
+    calls = []
+
+    class Recorder(nn.Module):
+        def forward(self, x, t, labels=None):
+            calls.append((t.clone(), labels.clone()))
+            return torch.zeros_like(x)
+
+    M, N = 4, 20
+    KLDiffusion(M=M, N=N, term_embedding=True).loss(Recorder(), torch.zeros(2, 1, 4, 4), k=torch.tensor([3, 20]))
+    (t, labels), = calls
+    assert t.view(2, M).tolist() == [[3.0] * M, [20.0] * M] and labels.view(2, M).tolist() == [list(range(M))] * 2
+    # the network is the default one plus an [M, temb] embedding table; with that table zeroed and the other
+    # weights equal, every term's prediction is the default network's m = 1 term (index N·0 + k = k)
+    plain, embed = KLDiffusion(M=M, N=N), KLDiffusion(M=M, N=N, term_embedding=True)
+    torch.manual_seed(0)
+    net = plain.build_networks({"preset": "tiny"}, (1, 8, 8))["net"].eval()
+    net_e = embed.build_networks({"preset": "tiny"}, (1, 8, 8))["net"].eval()
+    extra = set(net_e.state_dict()) - set(net.state_dict())
+    assert extra == {"unet.class_embedding.weight"} and set(net.state_dict()) <= set(net_e.state_dict())
+    state = {**net.state_dict(), "unet.class_embedding.weight": torch.zeros(M, net_e.unet.time_embedding.linear_2
+                                                                             .out_features)}
+    net_e.load_state_dict(state)
+    g = torch.Generator().manual_seed(3)
+    x, k = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([1, 9, 20])
+    z = torch.randn(3, M, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        first = plain.coefficients(net, x, k)[:, :1]
+        torch.testing.assert_close(embed.coefficients(net_e, x, k), first.expand(-1, M, -1, -1, -1))
+        # same loss function: eq. 19 of these coefficients
+        t = k.double() / N
+        x_t, _ = embed.noised(x, k, z)
+        torch.testing.assert_close(embed.loss(net_e, x, k=k, z=z),
+                                   kl_loss(z, embed.coefficients(net_e, x_t, k), phi(t, M), t).mean())
+        # a non-zero embedding makes the terms differ
+        net_e.unet.class_embedding.weight.normal_()
+        c = embed.coefficients(net_e, x, k)
+        assert (c[:, 0] - c[:, 1]).abs().max() > 1e-4
+    assert KLDiffusion(**embed.config()).term_embedding and "term_embedding" not in plain.config()
+    with pytest.raises(UserError, match="1st variant"):
+        KLDiffusion(variant="2nd", term_embedding=True)

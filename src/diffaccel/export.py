@@ -102,6 +102,9 @@ def baseline_pipeline(method, net):
     unet = copy.deepcopy(getattr(net, "unet", net))
     if not isinstance(unet, UNet2DModel):
         raise UserError(f"export of a baseline run needs a diffusers UNet2DModel, got {type(unet).__name__}")
+    if unet.time_proj.num_channels != unet.config.block_out_channels[0]:
+        raise UserError("export: this network's time_embedding_width differs from block_out_channels[0], which a "
+                        "UNet2DModel folder cannot record; train with the default width to export")
     shift_time_input(unet, 1.0)  # diffusers' t = our k − 1
     scheduler = DDIMScheduler(num_train_timesteps=method.N, trained_betas=betas_of(method.alpha_bars),
                               clip_sample=False, set_alpha_to_one=True, steps_offset=0,

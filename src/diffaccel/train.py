@@ -210,6 +210,7 @@ class Trainer:
         self.step = 0
         self.nonfinite = 0
         self.diagnostics: dict[str, list[torch.Tensor]] = {}
+        self.grad_norms: dict[str, list[torch.Tensor]] = {}
         with self._writes():
             if resume:
                 self._load_latest()
@@ -353,7 +354,8 @@ class Trainer:
             params = [p for n in phase.networks for p in self.nets[n].parameters()]
             # an unclipped phase still needs its norm, for the finiteness check below
             norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if phase.clip else float("inf"))
-            finite = torch.isfinite(total) & torch.isfinite(torch.as_tensor(norm, device=total.device))
+            norm = torch.as_tensor(norm, device=total.device).detach().float()
+            finite = torch.isfinite(total) & torch.isfinite(norm)
             if acc.num_processes > 1:  # every rank must agree, or one would step and the others not
                 finite = acc.reduce(finite.float(), "sum") == acc.num_processes  # reduce has no "min"
             if not bool(finite):
@@ -362,6 +364,8 @@ class Trainer:
                 skipped.update(phase.networks)
                 continue
             opt.step()
+            # the pre-clip norm, kept as a tensor (no host sync per step) for the window's clip statistics
+            self.grad_norms.setdefault(phase.name, []).append(norm)
             stepped.update(phase.networks)
             losses[phase.name] = float(acc.reduce(total, "mean")) if acc.num_processes > 1 else float(total)
         for name, e in self.ema.items():
@@ -372,6 +376,26 @@ class Trainer:
             for p in self.nets[name].parameters():
                 p.grad = None  # gradients of networks another phase touched are not carried over
         return losses
+
+    def clip_statistics(self) -> dict[str, float]:
+        """Over the steps since the last record, per phase: mean and max of the gradient norm before clipping
+        and, for a clipped phase, the fraction of steps whose norm exceeded --max-grad-norm (clipping fired).
+
+        Keys ``grad_norm_mean``, ``grad_norm_max``, ``clip_rate``, suffixed ``_PHASE`` when a method has several
+        phases (as the losses are). Skipped (non-finite) steps are not counted.
+        """
+        out, several = {}, len(self.phases) > 1
+        for phase in self.phases:
+            norms = self.grad_norms.get(phase.name)
+            if not norms:
+                continue
+            norms = torch.stack(norms)
+            suffix = f"_{phase.name}" if several else ""
+            out[f"grad_norm_mean{suffix}"] = float(norms.mean())
+            out[f"grad_norm_max{suffix}"] = float(norms.max())
+            if phase.clip:
+                out[f"clip_rate{suffix}"] = float((norms > self.cfg.max_grad_norm).float().mean())
+        return out
 
     def sample_grid(self, path: Path) -> None:
         opts = self.cfg.sample_options or {}
@@ -446,7 +470,8 @@ class Trainer:
                              for n, v in window.items()},
                           "lr": self._lr(self.step), "sec_per_step": elapsed / steps_in_window}
                 record.update({k: float(torch.stack(v).mean()) for k, v in self.diagnostics.items()})
-                self.diagnostics = {}
+                record.update(self.clip_statistics())
+                self.diagnostics, self.grad_norms = {}, {}
                 if main:
                     append_metrics(self.run_dir, record)
                     self.method.on_log(record, self.log)

@@ -1,9 +1,12 @@
 """`diffaccel bench kl`: the KL paper's central comparison (Fig. 2 / Tables 1-2) on the shared harness.
 
-Baseline-b16 (N = 1000), Baseline-b128 (the batch KL-1st pays for), KL-8d-b16 (1st), KL-8d-b16 (2nd) and
-KL-8d4-b16 (partial): same UNet, data, optimiser and steps; DDIM(S = 20, η = 1, x0 clipped) samples scored
-every ``eval_every`` steps. Reported per model (mean ± 95 % interval over ``--seeds``): the curve of
-FID[digits] and legible rate against steps and against training seconds, the final scores, the first step
+Baseline-b16 (N = 1000), Baseline-b128 (the batch KL-1st pays for), KL-8d-b16 (1st), KL-8d-b16 (2nd),
+KL-8d4-b16 (partial, plain and normalised by M'·H_N) and the ablations that isolate KL's mechanism:
+the baseline on KL's N = 20 grid, the baseline with KL's noise variance v(t) = Σ phi_m²/t, and KL-1st with a
+learned embedding of m added to the time embedding of k. Same UNet (the ``small`` preset with 128 sinusoids
+in its time embedding), data, optimiser and steps; DDIM(S = 20, η = 1, x0 clipped) samples scored every
+``eval_every`` steps. Reported per model (mean ± 95 % interval over ``--seeds``): the curve of FID[digits]
+and legible rate against steps, training seconds and images processed, the final scores, the first step
 at which a model reaches Baseline-b16's best FID (only once Baseline-b16's curve has flattened), seconds per
 step and peak training memory.
 """
@@ -16,8 +19,9 @@ from diffaccel.bench.runner import run_benchmark
 from diffaccel.bench.specs import Benchmark, ModelSpec, SamplerSpec
 
 REFERENCE = "Baseline-b16"
-NET = {"preset": "small", "overrides": {"block_out_channels": [16, 32, 32]}}
-QUICK_NET = {"preset": "tiny", "overrides": {"block_out_channels": [8, 16], "norm_num_groups": 4}}
+NET = {"preset": "small", "overrides": {"time_embedding_width": 128}}  # the paper's networks: 128 sinusoids
+QUICK_NET = {"preset": "tiny", "overrides": {"block_out_channels": [8, 16], "norm_num_groups": 4,
+                                            "time_embedding_width": 32}}
 
 
 def models(sample_steps: int = 20, eta: float = 1.0) -> list[ModelSpec]:
@@ -29,6 +33,14 @@ def models(sample_steps: int = 20, eta: float = 1.0) -> list[ModelSpec]:
         ModelSpec("KL-8d-b16 (1st)", "kl", {"M": 8, "N": 20}, {"batch_size": 16}, (ddim,)),
         ModelSpec("KL-8d-b16 (2nd)", "kl", {"M": 8, "N": 20, "variant": "2nd"}, {"batch_size": 16}, (ddim,)),
         ModelSpec("KL-8d4-b16 (partial)", "kl", {"M": 8, "N": 20, "partial": 4}, {"batch_size": 16}, (ddim,)),
+        ModelSpec("KL-8d4-b16 (partial, normalised)", "kl", {"M": 8, "N": 20, "partial": 4,
+                                                             "partial_normalized": True}, {"batch_size": 16}, (ddim,)),
+        # ablations: which ingredient of KL-1st (grid, noise variance, index layout) does what
+        ModelSpec("Baseline-b16 N=20", "baseline", {"N": 20}, {"batch_size": 16}, (ddim,)),
+        ModelSpec("Baseline-b16 N=20 v(t)-noise", "baseline", {"N": 20, "noise_variance": "kl", "kl_terms": 8},
+                  {"batch_size": 16}, (ddim,)),
+        ModelSpec("KL-8d-b16 (1st, m-embedding)", "kl", {"M": 8, "N": 20, "term_embedding": True},
+                  {"batch_size": 16}, (ddim,)),
     ]
 
 

@@ -36,15 +36,17 @@ def quality_metrics(bench: Benchmark) -> list[str]:
     return [bench.primary] + [n for n in names if n != bench.primary]
 
 
-def _mean_curve(per_seed: list[list[tuple[int, float, float]]]) -> list[dict]:
-    """(step, value, train_seconds) per seed -> per step: Interval of the value, mean seconds."""
+def _mean_curve(per_seed: list[list[tuple[int, float, float]]], batch_size: int | None = None) -> list[dict]:
+    """(step, value, train_seconds) per seed -> per step: Interval of the value, mean seconds and, with the
+    model's batch size, the training images processed (step × batch)."""
     steps = sorted({s for curve in per_seed for s, _, _ in curve})
     out = []
     for step in steps:
         values = [v for curve in per_seed for s, v, _ in curve if s == step]
         secs = [t for curve in per_seed for s, _, t in curve if s == step and math.isfinite(t)]
         iv = mean_interval(values)
-        out.append({"step": step, **iv.as_dict(), "train_seconds": sum(secs) / len(secs) if secs else math.nan})
+        out.append({"step": step, **iv.as_dict(), "train_seconds": sum(secs) / len(secs) if secs else math.nan,
+                    "images": step * batch_size if batch_size else math.nan})
     return out
 
 
@@ -65,7 +67,8 @@ def summarize(bench: Benchmark, results: dict, floor: dict, seeds: int, costs: d
                 if metric in final:
                     pts.append((r["steps"], float(final[metric]), float(r["train_seconds"])))
                 per_seed.append(pts)
-            curves.setdefault(model.label, {})[metric] = _mean_curve(per_seed)
+            batch = {**bench.train_defaults, **model.train}.get("batch_size")
+            curves.setdefault(model.label, {})[metric] = _mean_curve(per_seed, batch)
         for sampler in model.samplers:
             finals = [r["final"][sampler.label] for r in runs if sampler.label in r["final"]]
             row = {"model": model.label, "sampler": sampler.label, "steps": runs[0]["steps"] if runs else None,
@@ -177,9 +180,11 @@ def _plot(summary: dict, bench: Benchmark, path: Path) -> None:
     metrics = [m for m in (bench.primary, "legible_rate") if any(m in c for c in summary["curves"].values())]
     if not metrics:
         return
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(11, 3.8 * len(metrics)), squeeze=False)
+    xkeys = {"step": "optimisation steps", "train_seconds": "training wall-clock seconds",
+             "images": "training images processed"}
+    fig, axes = plt.subplots(len(metrics), 3, figsize=(16, 3.8 * len(metrics)), squeeze=False)
     for i, metric in enumerate(metrics):
-        for j, xkey in enumerate(("step", "train_seconds")):
+        for j, xkey in enumerate(xkeys):
             ax = axes[i][j]
             for label, curves in summary["curves"].items():
                 c = [p for p in curves.get(metric, []) if not math.isnan(p["mean"])]
@@ -193,7 +198,7 @@ def _plot(summary: dict, bench: Benchmark, path: Path) -> None:
             floor = summary["floors"].get(bench.n_samples, {}).get(metric)
             if isinstance(floor, Interval) and not math.isnan(floor.mean):
                 ax.axhline(floor.mean, color="grey", linestyle=":", linewidth=1, label="real vs real")
-            ax.set_xlabel("optimisation steps" if xkey == "step" else "training wall-clock seconds")
+            ax.set_xlabel(xkeys[xkey])
             ax.set_ylabel(metric)
             if metric.startswith("fid"):
                 ax.set_yscale("log")

@@ -103,7 +103,8 @@ class KLDiffusion(EpsilonPDS, Method):
     name = "kl"
 
     def __init__(self, M: int = 8, N: int = 20, partial: int | None = None, variant: str = "1st",
-                 schedule="vp", time_scale: float = 1.0, correction: str = "none"):
+                 schedule="vp", time_scale: float = 1.0, correction: str = "none",
+                 partial_normalized: bool = False, term_embedding: bool = False):
         if int(M) != M or M < 1:
             raise UserError(f"--kl-terms (M) must be a positive integer, got {M}")
         if int(N) != N or N < 1:
@@ -115,6 +116,13 @@ class KLDiffusion(EpsilonPDS, Method):
                 raise UserError("--kl-partial applies to the 1st variant only (the 2nd makes one network call)")
             if int(partial) != partial or not 1 <= partial <= M:
                 raise UserError(f"--kl-partial (M') must be an integer in [1, M={M}], got {partial}")
+        if partial_normalized and partial is None:
+            raise UserError("--kl-partial-normalized needs --kl-partial M' (it rescales the partial loss, eq. 20)")
+        if term_embedding and variant != "1st":
+            raise UserError("--kl-term-embedding applies to the 1st variant only (the 2nd has one output per term)")
+        if term_embedding and correction != "none":
+            raise UserError("--kl-term-embedding cannot fine-tune from a baseline (--init-from): the baseline has "
+                            "no term embedding")
         if correction not in CORRECTIONS:
             raise UserError(f"KL correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
         if not time_scale > 0:
@@ -131,6 +139,8 @@ class KLDiffusion(EpsilonPDS, Method):
         self.M, self.N, self.variant = int(M), int(N), variant
         self.partial = None if partial is None else int(partial)
         self.time_scale, self.correction = float(time_scale), correction
+        self.partial_normalized = bool(partial_normalized)
+        self.term_embedding = bool(term_embedding)
         self.alpha_bars = self.schedule.grid(self.N)  # float64 [N+1] for the samplers
 
     # --- configuration -----------------------------------------------------------------------------------
@@ -138,7 +148,9 @@ class KLDiffusion(EpsilonPDS, Method):
         sched = self.schedule.config()
         return {"M": self.M, "N": self.N, "partial": self.partial, "variant": self.variant,
                 "schedule": "vp" if sched == VPSchedule().config() else sched,
-                "time_scale": self.time_scale, "correction": self.correction}
+                "time_scale": self.time_scale, "correction": self.correction,
+                **({"partial_normalized": True} if self.partial_normalized else {}),
+                **({"term_embedding": True} if self.term_embedding else {})}
 
     @staticmethod
     def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -146,6 +158,12 @@ class KLDiffusion(EpsilonPDS, Method):
         group.add_argument("--kl-terms", type=int, default=8, help="KL: number M of expansion terms (default 8)")
         group.add_argument("--kl-partial", type=int, default=None,
                            help="KL: train with the partial loss (eq. 20) on M' random terms per image")
+        group.add_argument("--kl-partial-normalized", action="store_true",
+                           help="KL: divide the partial loss by its expected value for a zero network, M'·H_N "
+                                "(H_N = Σ_k 1/k = N·E[1/t_k]), so that its scale matches eq. 19's (≈ 1)")
+        group.add_argument("--kl-term-embedding", action="store_true",
+                           help="KL 1st: condition on (time index k, learned embedding of m) added together, "
+                                "instead of the single time index N(m−1)+k (an ablation)")
         group.add_argument("--kl-variant", choices=VARIANTS, default="1st",
                            help="KL: 1st = M batched evaluations per image; 2nd = one network with M·C outputs")
         group.add_argument("--kl-correction", choices=CORRECTIONS[1:], default="paper",
@@ -156,6 +174,10 @@ class KLDiffusion(EpsilonPDS, Method):
     def from_args(cls, args: argparse.Namespace) -> "KLDiffusion":
         kwargs = dict(M=getattr(args, "kl_terms", 8), N=20 if getattr(args, "time_steps", None) is None else args.time_steps,
                       partial=getattr(args, "kl_partial", None), variant=getattr(args, "kl_variant", "1st"))
+        if getattr(args, "kl_partial_normalized", False):
+            kwargs["partial_normalized"] = True
+        if getattr(args, "kl_term_embedding", False):
+            kwargs["term_embedding"] = True
         init_from = getattr(args, "init_from", None)
         if init_from:
             # fix the fine-tuning parameterisation now, so that the run's config.yaml records it
@@ -164,6 +186,13 @@ class KLDiffusion(EpsilonPDS, Method):
 
     def output_channels(self, data_channels: int) -> int:
         return data_channels * (self.M if self.variant == "2nd" else 1)
+
+    def build_networks(self, net_cfg: dict, image_shape) -> dict[str, nn.Module]:
+        if not self.term_embedding:
+            return super().build_networks(net_cfg, image_shape)
+        # UNet2DModel adds a learned class embedding to its time embedding: one class per basis index m
+        overrides = {**net_cfg.get("overrides", {}), "num_class_embeds": self.M}
+        return super().build_networks({**net_cfg, "overrides": overrides}, image_shape)
 
     # --- forward process (eq. 16) ------------------------------------------------------------------------
     def _t(self, k: torch.Tensor, dtype) -> torch.Tensor:
@@ -211,9 +240,13 @@ class KLDiffusion(EpsilonPDS, Method):
             terms = torch.arange(self.M, device=x.device).expand(B, self.M)
         Mp = terms.shape[1]
         if self.variant == "1st":
-            tau = (self.N * terms + k.view(B, 1)).reshape(-1).to(x.dtype) * self.time_scale
             x_rep = x.unsqueeze(1).expand(B, Mp, *x.shape[1:]).reshape(B * Mp, *x.shape[1:])
-            out = net(x_rep, tau).view(B, Mp, *x.shape[1:])
+            if self.term_embedding:  # time index k for every term, the term m−1 as a separate label
+                tau = k.view(B, 1).expand(B, Mp).reshape(-1).to(x.dtype) * self.time_scale
+                out = net(x_rep, tau, terms.reshape(-1)).view(B, Mp, *x.shape[1:])
+            else:
+                tau = (self.N * terms + k.view(B, 1)).reshape(-1).to(x.dtype) * self.time_scale
+                out = net(x_rep, tau).view(B, Mp, *x.shape[1:])
         else:
             full = net(x, k.to(x.dtype) * self.time_scale)
             if full.shape[1] != self.M * x.shape[1]:
@@ -249,7 +282,13 @@ class KLDiffusion(EpsilonPDS, Method):
             terms = torch.rand((B, self.M), device=dev, generator=generator).argsort(1)[:, :self.partial]
         z_hat = self.coefficients(net, x_t, k, terms)
         z_sel = torch.gather(z, 1, terms.view(B, -1, *([1] * (x0.ndim - 1))).expand(-1, -1, *x0.shape[1:]))
-        return kl_partial_loss(z_sel, z_hat, t).mean()
+        loss = kl_partial_loss(z_sel, z_hat, t).mean()
+        return loss / self.partial_scale() if self.partial_normalized else loss
+
+    def partial_scale(self) -> float:
+        """E[eq. 20] for a network that outputs zeros: M'·E_k[1/t_k] = M'·H_N, k ~ U{1..N}, t_k = k/N
+        (each selected term contributes E‖Z_m‖² = 1 per pixel); H_20 = 3.598, so M' = 4 gives 14.4."""
+        return self.partial * sum(1.0 / k for k in range(1, self.N + 1))
 
     # --- sampling (eq. 24) ---------------------------------------------------------------------------------
     def epsilon(self, net: nn.Module, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from diffaccel.errors import UserError
@@ -31,10 +32,12 @@ class DiffusersAdapter(nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels``: integer class indices for a UNet built with ``num_class_embeds`` (its learned embedding is
+        added to the time embedding); KL diffusion's term-embedding variant passes the basis index there."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        return self.unet(x, t).sample
+        return self.unet(x, t, class_labels=labels).sample
 
     @property
     def config(self):
@@ -42,9 +45,19 @@ class DiffusersAdapter(nn.Module):
 
 
 def build_unet(preset: str, in_channels: int, out_channels: int, sample_size: int, **overrides) -> DiffusersAdapter:
-    """A UNet2DModel of a named size; ``overrides`` replace any UNet2DModel argument of the preset."""
+    """A UNet2DModel of a named size; ``overrides`` replace any UNet2DModel argument of the preset.
+
+    One override is ours: ``time_embedding_width``, the number of sinusoidal features of the time input
+    (half sines, half cosines). UNet2DModel ties it to ``block_out_channels[0]``; the KL time index spans
+    N·M values, and 8 sinusoids (width 16) put far-apart indices close together, so it can be set apart from
+    the first level's width. ``time_embedding_dim`` (a UNet2DModel argument) is the MLP width after it.
+    """
     if preset not in PRESETS:
         raise UserError(f"unknown network preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    overrides = dict(overrides)
+    width = overrides.pop("time_embedding_width", None)
+    if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 2 or width % 2):
+        raise UserError(f"time_embedding_width must be an even integer >= 2, got {width!r}")
     kwargs = {**PRESETS[preset], **overrides}
     if "block_out_channels" in overrides and "down_block_types" not in overrides:
         # keep the preset's block types when only the widths change the number of levels
@@ -57,6 +70,12 @@ def build_unet(preset: str, in_channels: int, out_channels: int, sample_size: in
                         f"which the {levels}-level {preset!r} UNet needs")
     kwargs["block_out_channels"] = tuple(kwargs["block_out_channels"])
     unet = UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels, **kwargs)
+    if width is not None and width != unet.time_proj.num_channels:
+        if unet.config.time_embedding_type != "positional":
+            raise UserError("time_embedding_width needs time_embedding_type 'positional' (sinusoids)")
+        proj = unet.time_proj
+        unet.time_proj = Timesteps(width, proj.flip_sin_to_cos, proj.downscale_freq_shift)
+        unet.time_embedding = TimestepEmbedding(width, unet.time_embedding.linear_1.out_features)
     return DiffusersAdapter(unet)
 
 
