@@ -50,6 +50,7 @@ class Baseline(LatentSpace, EpsilonPDS, Method):
         self.noise_variance, self.kl_terms = noise_variance, int(kl_terms)
         self.alpha_bars = discrete_schedule(schedule, self.N)  # float64 [N+1]
         self.variance = None if noise_variance == "unit" else self._variance_table()
+        self.autoencoder_run = check_autoencoder_run(autoencoder) if autoencoder else None
 
     def _variance_table(self) -> torch.Tensor:
         """v(t_k) for k = 0..N (float64); k = 0 is never drawn and set to 1."""
@@ -63,8 +64,6 @@ class Baseline(LatentSpace, EpsilonPDS, Method):
         else:
             v = h(t, self.kl_terms, sched).square().sum(-1) / sched.sigma(t).square()
         return torch.cat([torch.ones(1, dtype=torch.float64), v])
-
-        self.autoencoder_run = check_autoencoder_run(autoencoder) if autoencoder else None
 
     def config(self) -> dict:
         cfg = {"N": self.N, "schedule": self.schedule}
@@ -84,6 +83,7 @@ class Baseline(LatentSpace, EpsilonPDS, Method):
                            help="baseline: training noise N(0, I) (unit) or N(0, v(t)) with the variance of KL "
                                 "diffusion's noise for --kl-terms M: v = Σ_m phi_m²/t (kl) or Σ_m h_m²/sigma² "
                                 "(kl-h); an ablation, VP schedule only")
+        add_autoencoder_argument(group)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Baseline":
