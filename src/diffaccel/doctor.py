@@ -185,7 +185,7 @@ def _metrics(r: _Report, run_dir: Path) -> None:
 
 def _discriminators(r: _Report, records: list[dict]) -> None:
     """A discriminator whose real and fake logits have stopped differing teaches its generator nothing."""
-    from diffaccel.gan_health import DEAD_GAP, dead_discriminators, discriminator_prefixes, logit_gap
+    from diffaccel.gan_health import DEAD_GAP, dead_discriminators, discriminator_prefixes, logit_gaps
 
     dead = dead_discriminators(records)
     for prefix in discriminator_prefixes(records):
@@ -194,7 +194,7 @@ def _discriminators(r: _Report, records: list[dict]) -> None:
             r.line(name, "DEAD", f"|D(real) - D(fake)| = {dead[prefix]:.3g} < {DEAD_GAP} logits over the last "
                    "records: the generator learns nothing from it", problem=True, run=True)
         else:
-            last = [g for g in (logit_gap(rec, prefix) for rec in records) if g is not None][-1]
+            last = logit_gaps(records, prefix)[-1]
             r.line(name, "alive", f"last D(real) - D(fake) = {last:.3g} logits")
 
 

@@ -61,11 +61,20 @@ class DiscriminatorMonitor:
                 "the learning rates and the R1 weight")
 
 
+def logit_gaps(records: Iterable[dict], prefix: str = "") -> list[float]:
+    """Every logged gap D(real) − D(fake) of the discriminator ``prefix``, oldest first."""
+    return [g for g in (logit_gap(r, prefix) for r in records) if g is not None]
+
+
+def mean_abs_gap(gaps: list[float]) -> float:
+    return sum(abs(g) for g in gaps) / len(gaps)
+
+
 def dead_discriminators(records: list[dict], threshold: float = DEAD_GAP, tail: int = 5) -> dict[str, float]:
     """{prefix: mean |gap| over the last ``tail`` records} for every discriminator whose recent gap is below threshold."""
     dead = {}
     for prefix in discriminator_prefixes(records):
-        gaps = [g for g in (logit_gap(r, prefix) for r in records) if g is not None][-tail:]
-        if gaps and sum(abs(g) for g in gaps) / len(gaps) < threshold:
-            dead[prefix] = sum(abs(g) for g in gaps) / len(gaps)
+        gaps = logit_gaps(records, prefix)[-tail:]
+        if gaps and mean_abs_gap(gaps) < threshold:
+            dead[prefix] = mean_abs_gap(gaps)
     return dead
