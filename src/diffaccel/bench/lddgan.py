@@ -16,6 +16,7 @@ and every discriminator's logit gap |D(real) − D(fake)| at the end of its run 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -40,15 +41,20 @@ def train_autoencoder(out: Path, settings: dict, quick: bool) -> Path:
     from diffaccel.train import TrainConfig, train
 
     steps = QUICK_AE_STEPS if quick else AE_STEPS
-    done = out / "trained.json"
-    if not done.is_file() or json.loads(done.read_text()) != {"steps": steps, "settings": settings}:
+    key = {"steps": steps, "settings": settings}
+    done, started = out / "trained.json", out / "training.json"
+    if not done.is_file() or json.loads(done.read_text()) != key:
+        if out.exists() and (not started.is_file() or json.loads(started.read_text()) != key):
+            shutil.rmtree(out)  # a run of other settings: retrain, never resume it under these
+        out.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps(key))
         cfg = TrainConfig(data="mnist5k", resolution=32, data_limit=200 if quick else None,
                           net={"preset": "tiny"}, batch_size=16 if quick else 32, lr=1e-3, steps=steps,
                           ema_decay=0.995, seed=0, out=str(out / "run"), checkpoint_every=max(1, steps // 3),
                           keep_checkpoints=1, log_every=max(1, min(50, steps)), device="cpu")
         train(cfg, AutoencoderMethod(holdout=16 if quick else 500, **settings),
               resume=(out / "run" / "config.yaml").is_file(), progress=False, log=lambda *_: None)
-        done.write_text(json.dumps({"steps": steps, "settings": settings}))
+        done.write_text(json.dumps(key))
     return out / "run"
 
 
@@ -89,7 +95,8 @@ def models(quick: bool) -> list[ModelSpec]:
 def reconstruction_rows(bench: Benchmark, out_dir: Path) -> list[dict]:
     """Reconstruction PSNR of each autoencoder: on the images its training held out when the loaded method knows
     them, else on the first 64 data images (then seen in training, and said so)."""
-    from diffaccel.methods.autoencoder import evaluate_reconstruction
+    from diffaccel.data import ImageDataset
+    from diffaccel.methods.autoencoder import evaluate_reconstruction, training_images
     from diffaccel.runs import load_run
 
     rows = []
@@ -97,6 +104,8 @@ def reconstruction_rows(bench: Benchmark, out_dir: Path) -> list[dict]:
         if not (folder / "trained.json").is_file():
             continue
         method, nets = load_run(folder / "run")
+        if method.holdout:  # a reloaded method knows its held-out images only once prepared on its data
+            method.prepare(ImageDataset(training_images(folder / "run"), bench.data), "cpu")
         held = getattr(method, "heldout", None)
         which = "held out by its training"
         if held is None:
@@ -113,14 +122,11 @@ def reconstruction_rows(bench: Benchmark, out_dir: Path) -> list[dict]:
 
 def final_logit_gap(run_dir: Path, prefix: str = "", tail: float = 0.2) -> float | None:
     """Mean |D(real) − D(fake)| over the last ``tail`` of a run's logged records (None: no discriminator)."""
-    from diffaccel.gan_health import logit_gap
+    from diffaccel.gan_health import logit_gaps, mean_abs_gap
     from diffaccel.runs import read_metrics
 
-    gaps = [g for g in (logit_gap(r, prefix) for r in read_metrics(run_dir)) if g is not None]
-    if not gaps:
-        return None
-    last = gaps[-max(1, int(len(gaps) * tail)):]
-    return sum(abs(g) for g in last) / len(last)
+    gaps = logit_gaps(read_metrics(run_dir), prefix)
+    return mean_abs_gap(gaps[-max(1, int(len(gaps) * tail)):]) if gaps else None
 
 
 def extra_tables(bench: Benchmark, results: dict, out_dir: Path) -> dict:
