@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "pds-filters": "diffaccel.bench.pds:run_filter_sweep",
     "fid-sanity": "diffaccel.bench.fid_sanity:run",
     "lddgan": "diffaccel.bench.lddgan:run",
+    "demo": "diffaccel.bench.demo:run",
 }
 
 
