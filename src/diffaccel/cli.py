@@ -193,6 +193,8 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     g.add_argument("--sample-every", type=int, default=d.sample_every, help="save a sample grid every N steps")
+    g.add_argument("--log-with", default=None, help="also log metrics and sample grids to a tracker: tensorboard "
+                   "(events in RUN_DIR/tensorboard; needs diffaccel[tensorboard]); metrics.jsonl stays the record")
     g.add_argument("--clip-x0", action="store_true",
                    help="baseline, KL, DVDP: clip predicted x0 to the data range in the run's sample grids")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="FID every N steps into metrics.jsonl")
@@ -392,6 +394,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                           checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                           sample_every=args.sample_every, eval_every=args.eval_every,
                           max_nonfinite=args.max_nonfinite, device=args.device, init_from=args.init_from,
+                          log_with=args.log_with,
                           sample_options={"clip_x0": True} if args.clip_x0 else {})
     if not cfg.eval_every and given & {"extractor", "eval_n"}:
         raise UserError(", ".join(_flag(d) for d in sorted(given & {"extractor", "eval_n"}))
@@ -399,6 +402,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if cfg.device != "auto":
         _device(cfg.device)  # --device cuda without CUDA is refused, as `sample` does, not replaced by the CPU
     cfg.validate()
+    from diffaccel.validation import check_tracker
+
+    check_tracker(cfg.log_with)
     callback = None
     if cfg.eval_every:
         from diffaccel.data import load_dataset
@@ -420,7 +426,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # settings a resumed run may change; any other flag given with --resume must repeat the run's own value
 RESUME_MAY_CHANGE = {"steps", "log_every", "checkpoint_every", "eval_every", "sample_every", "device",
-                     "keep_checkpoints", "max_nonfinite", "eval_n", "extractor", "resume", "out", "config"}
+                     "keep_checkpoints", "max_nonfinite", "eval_n", "log_with", "extractor", "resume", "out", "config"}
 
 
 def _check_resume_flags(args: argparse.Namespace, given: set[str], saved: dict) -> None:

@@ -27,7 +27,7 @@ from diffaccel.data import ImageDataset, load_dataset, save_grid
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method
 from diffaccel.runs import append_metrics, read_config, truncate_metrics, write_config
-from diffaccel.validation import build_networks_checked, check_state_fits, preflight
+from diffaccel.validation import build_networks_checked, check_state_fits, check_tracker, preflight
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -63,6 +63,7 @@ class TrainConfig:
     max_nonfinite: int = 10
     device: str = "auto"
     init_from: str | None = None
+    log_with: str | None = None
 
     def validate(self) -> None:
         checks = [
@@ -156,6 +157,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         cfg.validate()
+        check_tracker(cfg.log_with)
         self.cfg, self.method, self.callback, self.progress, self.log = cfg, method, callback, progress, log
         self.run_dir = Path(cfg.out)
         from diffaccel.validation import check_output_folder
@@ -172,7 +174,8 @@ class Trainer:
 
         if AcceleratorState._shared_state:  # a second Trainer in this process (tests, notebooks, benchmarks):
             AcceleratorState._reset_state(reset_partial_state=False)  # else a new mixed_precision is refused
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
+                                       project_dir=str(self.run_dir) if cfg.log_with else None)
         acc = self.accelerator
         if cfg.mixed_precision == "fp16" and acc.device.type == "cpu" and acc.is_main_process:
             self.log("warning: --mixed-precision fp16 has no effect on the CPU (accelerate trains in float32 "
@@ -229,6 +232,33 @@ class Trainer:
             last = latest_valid(self.run_dir / "checkpoints", log=self.log)
             raise UserError(f"cannot write to the run directory {self.run_dir}: {e.strerror or e}{where}; "
                             f"last good checkpoint: {last or 'none'}") from None
+
+    # --- experiment tracking (metrics.jsonl stays the record; the tracker mirrors it) ---------------------------
+    def _start_tracking(self) -> None:
+        """Open the tracker's run in RUN_DIR/<tracker>/; a resumed run appends to the same one, its events past
+        the checkpoint's step (written before an interruption, and now to be repeated) purged first."""
+        if not self.cfg.log_with:
+            return
+        kwargs = {"tensorboard": {"purge_step": self.step + 1}} if self.step else {}
+        self.accelerator.init_trackers(self.cfg.log_with, init_kwargs=kwargs)
+
+    def _track(self, record: dict) -> None:
+        """Every finite number of a metrics record (losses, lr, step time, diagnostics, evaluations) as a scalar."""
+        if not self.cfg.log_with:
+            return
+        scalars = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+                   and not isinstance(v, bool) and math.isfinite(v)}
+        if scalars:
+            self.accelerator.log(scalars, step=record["step"])
+
+    def _track_grid(self, path: Path) -> None:
+        if self.cfg.log_with != "tensorboard":
+            return
+        from PIL import Image
+
+        grid = np.asarray(Image.open(path).convert("RGB"))
+        self.accelerator.get_tracker("tensorboard").log_images({"samples": grid[None]}, step=self.step,
+                                                               dataformats="NHWC")
 
     # --- configuration and resume --------------------------------------------------------------------------
     def config_dict(self) -> dict:
@@ -438,6 +468,7 @@ class Trainer:
             net.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.method.name}", disable=not (self.progress
                    and main), dynamic_ncols=True)
+        self._start_tracking()
         window: dict[str, list[float]] = {}
         t_window = time.perf_counter()
         while self.step < cfg.steps:
@@ -474,6 +505,7 @@ class Trainer:
                 self.diagnostics, self.grad_norms = {}, {}
                 if main:
                     append_metrics(self.run_dir, record)
+                    self._track(record)
                     self.method.on_log(record, self.log)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith("loss")})
                 window, t_window = {}, time.perf_counter()
@@ -485,11 +517,13 @@ class Trainer:
                     e.train()
                 if main and extra:
                     append_metrics(self.run_dir, {"step": self.step, **extra})
+                    self._track({"step": self.step, **extra})
                     self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()
                                                                  if isinstance(v, float)))
                 acc.wait_for_everyone()
             if cfg.sample_every and self.step % cfg.sample_every == 0 and main:
                 self.sample_grid(self.run_dir / "samples" / f"step_{self.step:07d}.png")
+                self._track_grid(self.run_dir / "samples" / f"step_{self.step:07d}.png")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
@@ -498,6 +532,7 @@ class Trainer:
             from diffaccel.report import write_report
 
             write_report(self.run_dir)
+        acc.end_training()  # flushes and closes the tracker's event files
         acc.wait_for_everyone()
         return self.run_dir
 

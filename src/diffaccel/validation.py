@@ -625,3 +625,22 @@ def preflight(method, net_cfg: dict, image_shape, micro_batch: int, device=None)
                         f"and EMA; {acts}), more than the {human_bytes(available)} {where}; use a smaller "
                         "--batch-size (or --grad-accum), --preset, --resolution or method setting")
     return report
+
+
+# --- experiment tracking -----------------------------------------------------------------------------------------
+TRACKERS = {"tensorboard": ("tensorboard", "diffaccel[tensorboard]")}  # --log-with name: (module, what to install)
+
+
+def check_tracker(name: str | None) -> None:
+    """``--log-with NAME`` names a tracker diffaccel logs to and whose package is installed (refused before any
+    data is read, not at the first logged step)."""
+    if name is None:
+        return
+    import importlib.util
+
+    if name not in TRACKERS:
+        raise UserError(f"--log-with must be one of: {', '.join(TRACKERS)}; got {echo(name, 40)}")
+    module, extra = TRACKERS[name]
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"--log-with {name} needs the {module} package, which is not installed: "
+                        f"pip install '{extra}'")

@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "lddgan": "diffaccel.bench.lddgan:run",
     "samplers": "diffaccel.bench.samplers:run",
     "samplers-t1": "diffaccel.bench.samplers:run_t1_sweep",
+    "demo": "diffaccel.bench.demo:run",
 }
 
 
