@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from diffaccel.bench.lddgan import AE, GAN, UNET
+from diffaccel.bench.lddgan import AUTOENCODERS, GAN, UNET
+
+AE = AUTOENCODERS["f4"]
 
 FULL = {"ae_steps": 400, "gan_steps": 1200, "n": 64, "ddpm_calls": 5}
 QUICK = {"ae_steps": 2, "gan_steps": 2, "n": 8, "ddpm_calls": 1}
