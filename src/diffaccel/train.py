@@ -532,7 +532,8 @@ class Trainer:
             from diffaccel.report import write_report
 
             write_report(self.run_dir)
-        acc.end_training()  # flushes and closes the tracker's event files
+        for tracker in acc.trackers:  # flush and close the event files; acc.end_training() would also tear down
+            tracker.finish()          # the process group that the barrier below and the caller still use
         acc.wait_for_everyone()
         return self.run_dir
 
