@@ -56,7 +56,7 @@ def load_into(nets: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]
                             f"(it has: {sorted({k.split('.')[0] for k in tensors})}); is it from another method?")
         own = net.state_dict()
         missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
-        wrong = [k for k in set(own) & set(sub) if own[k].shape != sub[k].shape]
+        wrong = [k for k in own if k in sub and own[k].shape != sub[k].shape]  # network order: the first layer that differs
         if missing or unexpected or wrong:
             detail = "; ".join(s for s in (
                 f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
