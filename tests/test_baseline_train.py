@@ -64,6 +64,9 @@ def test_config_file_and_flag_precedence(tmp_path):
     (["train", "--method", "nope"], "unknown method"),
     (["sample", "/nonexistent/run"], "not a diffaccel run directory"),
     (["bench", "nope"], "unknown benchmark"),
+    (["bench", "lddgan", "--only-seed", "1"], "--only-seed K needs --seeds"),
+    (["bench", "lddgan", "--seeds", "2", "--only-seed", "2"], "--only-seed must be one of the seeds 0..1"),
+    (["bench", "samplers", "--seeds", "2", "--only-seed", "0"], "does not take --seeds"),
 ])
 def test_cli_errors_are_one_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

@@ -137,3 +137,34 @@ def test_summary_steps_to_reference_convergence_and_significance():
         results[("ref", k)]["final"]["S"]["fid[digits]"] = 10.0 + k
     summary = summarize(bench, results, {}, seeds=3)
     assert {r["model"]: r for r in summary["rows"]}["fast"]["steps_to_reference_best"] == "reference still improving"
+
+
+def _worker(out: str, seed: int) -> None:
+    run_benchmark(tiny_benchmark(), out, seeds=2, progress=False, only_seed=seed)
+
+
+def test_two_concurrent_seed_workers_give_the_serial_results(finished, tmp_path):
+    """One worker per seed on one work folder (setup under a lock), then a plain rerun that only summarises."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_worker, args=(str(tmp_path), k)) for k in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=600)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert not (tmp_path / "results.json").exists()  # workers write no results
+    trained = [tmp_path / "work" / m / f"seed{k}" / "trained.json" for m in ("a", "b") for k in (0, 1)]
+    stamps = [p.stat().st_mtime_ns for p in trained]
+    summary = run_benchmark(tiny_benchmark(), tmp_path, seeds=2, progress=False)
+    assert [p.stat().st_mtime_ns for p in trained] == stamps  # nothing retrained
+    serial = {(r["model"], r["sampler"]): r["fid[digits]"].mean for r in finished[1]["rows"]}
+    assert {(r["model"], r["sampler"]): r["fid[digits]"].mean for r in summary["rows"]} == pytest.approx(serial)
+
+
+def test_only_seed_outside_the_seeds_is_refused(tmp_path):
+    from diffaccel.errors import UserError
+
+    with pytest.raises(UserError, match="--only-seed must be one of"):
+        run_benchmark(tiny_benchmark(), tmp_path, seeds=2, progress=False, only_seed=2)

@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None,
                    help="train and sample every model this many times (seeds 0..K-1) and report 95%% intervals")
     p.add_argument("--dry-run", action="store_true", help="print the planned rows and an estimated time, run nothing")
+    p.add_argument("--only-seed", type=int, default=None, metavar="K",
+                   help="work on seed K of --seeds alone and write no results (one such worker per core shares the "
+                        "work folder); rerun without it to write the results")
     p.add_argument("--update-readme", type=Path, nargs="?", const=Path("README.md"), default=None, metavar="README",
                    help="rewrite README's generated results table from OUT/*/results.json, run nothing")
 
@@ -552,16 +555,21 @@ def cmd_bench(args: argparse.Namespace) -> None:
     out_dir = args.out / args.name if not args.quick else args.out / f"{args.name}-quick"
     options = {}
     accepted = inspect.signature(fn).parameters
-    for flag, key, value in (("--seeds", "seeds", args.seeds), ("--dry-run", "dry_run", args.dry_run or None)):
+    if args.only_seed is not None and args.seeds is None:
+        raise UserError("--only-seed K needs --seeds: it names one seed of the benchmark's seeds 0..N-1")
+    for flag, key, value in (("--seeds", "seeds", args.seeds), ("--dry-run", "dry_run", args.dry_run or None),
+                             ("--only-seed", "only_seed", args.only_seed)):
         if value is None:
             continue
         if key not in accepted:
             raise UserError(f"benchmark {args.name!r} does not take {flag} (it is not on the shared harness)")
         if key == "seeds" and not 1 <= value <= 100:
             raise UserError(f"--seeds must be between 1 and 100, got {value}")
+        if key == "only_seed" and not 0 <= value < args.seeds:
+            raise UserError(f"--only-seed must be one of the seeds 0..{args.seeds - 1}, got {value}")
         options[key] = value
     result = fn(out_dir, quick=args.quick, **options)
-    if args.dry_run:
+    if args.dry_run or args.only_seed is not None:
         return result
     print(f"results in {out_dir}")
     return result

@@ -183,13 +183,15 @@ def speed_table(bench: Benchmark, results: dict, out_dir: Path) -> dict:
     return {"speed": entries, "markdown": markdown}
 
 
-def run(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False) -> dict:
+def run(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False,
+        only_seed: int | None = None) -> dict:
     torch.set_num_threads(1)
     return run_benchmark(benchmark(32, quick), out_dir, seeds=seeds, dry_run_only=dry_run, quick=quick,
-                         progress=not quick)
+                         progress=not quick, only_seed=only_seed)
 
 
-def run_64(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False) -> dict:
+def run_64(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False,
+        only_seed: int | None = None) -> dict:
     torch.set_num_threads(1)
     return run_benchmark(benchmark(64, quick), out_dir, seeds=seeds, dry_run_only=dry_run, quick=quick,
-                         progress=not quick)
+                         progress=not quick, only_seed=only_seed)

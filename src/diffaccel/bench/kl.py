@@ -58,6 +58,7 @@ def benchmark(quick: bool = False) -> Benchmark:
                            "well as steps.")
 
 
-def run(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False) -> dict:
+def run(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False,
+        only_seed: int | None = None) -> dict:
     return run_benchmark(benchmark(quick), out_dir, seeds=seeds, dry_run_only=dry_run, quick=quick,
-                         progress=not quick)
+                         progress=not quick, only_seed=only_seed)

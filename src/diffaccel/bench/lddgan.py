@@ -77,7 +77,7 @@ def models(quick: bool) -> list[ModelSpec]:
     gan = (SamplerSpec("T=4", {}),)
     ddim = SamplerSpec("DDIM-20", {"sampler": "ddim", "steps": 2 if quick else 20, "clip_x0": True})
     latent_ddim = SamplerSpec("DDIM-20", {"sampler": "ddim", "steps": 2 if quick else 20})  # latents: no clip
-    ddpm = SamplerSpec("DDPM-1000", {"sampler": "ddpm", "clip_x0": True}, n=4 if quick else 200, final_only=True,
+    ddpm = SamplerSpec("DDPM-1000", {"sampler": "ddpm", "clip_x0": True}, n=4 if quick else 100, final_only=True,
                        timing_n=2 if quick else 10)
     N = 50 if quick else 1000
     lddgan = [ModelSpec(f"LDDGAN {loss.replace('wl', 'WL')}", "lddgan", {"T": 4, "gen_loss": loss}, samplers=gan,
@@ -165,10 +165,11 @@ def benchmark(quick: bool = False) -> Benchmark:
                            "and shared by its rows and seeds. GAN phases unclipped (DDPM rows: the trainer's clip "
                            "1.0); D/G learning rates 1.25e-4/1.6e-4, Adam (0.5, 0.9). s/100 img: median of 5 timed "
                            "trials of 100 images (DDPM-1000: of 10 images), decoder included. DDPM-1000 scored on "
-                           "200 samples.")
+                           "100 samples.")
 
 
-def run(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False) -> dict:
+def run(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False,
+        only_seed: int | None = None) -> dict:
     torch.set_num_threads(1)
     return run_benchmark(benchmark(quick), out_dir, seeds=seeds, dry_run_only=dry_run, quick=quick,
-                         progress=not quick)
+                         progress=not quick, only_seed=only_seed)

@@ -319,9 +319,10 @@ def harness_benchmark(quick: bool = False) -> Benchmark:
                            "at N = 100; per-step sigma ratio in extra.sigma_ratio.")
 
 
-def run(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False) -> dict:
+def run(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False,
+        only_seed: int | None = None) -> dict:
     return run_benchmark(harness_benchmark(quick), out_dir, seeds=seeds, dry_run_only=dry_run, quick=quick,
-                         progress=not quick)
+                         progress=not quick, only_seed=only_seed)
 
 
 SWEEP_SLUGS = {"none": "none", "data α=5": "data_a5", "data α=2": "data_a2", "data α=5 + space": "data_a5_space",

@@ -19,6 +19,7 @@ seed sees the same initial noise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -358,14 +359,34 @@ def dry_run(bench: Benchmark, seeds: int, dataset, work: Path, quick: bool) -> d
     return {"plan": rows, "estimated_seconds": total}
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive lock on ``path`` (workers sharing a work folder set it up one at a time)."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_benchmark(bench: Benchmark, out_dir: str | Path, seeds: int = 1, dry_run_only: bool = False,
-                  quick: bool = False, progress: bool = True) -> dict:
-    """Train, evaluate and report every model of ``bench`` for seeds 0..seeds-1; resumable (see module doc)."""
+                  quick: bool = False, progress: bool = True, only_seed: int | None = None) -> dict:
+    """Train, evaluate and report every model of ``bench`` for seeds 0..seeds-1; resumable (see module doc).
+
+    ``only_seed=K`` makes this process a worker: it trains and evaluates seed K alone and writes no results, so
+    that several processes (one per core) can share one work folder; the probe, the floors and every setup are
+    made under a lock by whichever worker comes first. Rerunning without ``only_seed`` then finds every seed done
+    and writes the results."""
     from diffaccel.bench.summary import summarize, write_outputs
     from diffaccel.data import load_dataset
 
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if only_seed is not None and not 0 <= only_seed < seeds:
+        raise UserError(f"--only-seed must be one of the benchmark's seeds 0..{seeds - 1}, got {only_seed}")
     labels = [m.label for m in bench.models]
     if len(set(labels)) != len(labels):
         raise UserError(f"benchmark {bench.name}: model labels must be unique, got {labels}")
@@ -377,15 +398,20 @@ def run_benchmark(bench: Benchmark, out_dir: str | Path, seeds: int = 1, dry_run
         return dry_run(bench, seeds, dataset, work, quick)
     started = time.time()
     split = RealSplit(dataset.images, bench.n_reference)
-    probed = probe(bench, dataset, work, quick, run_setup=True) if bench.seconds is not None else None
-    floor = floors(bench, split, seeds, work)
+    with _exclusive(work / "setup.lock"):
+        probed = probe(bench, dataset, work, quick, run_setup=True) if bench.seconds is not None else None
+        floor = floors(bench, split, seeds, work)
     results = {}
-    for seed in range(seeds):  # seed by seed: an interrupted benchmark already has whole seeds to show
+    # seed by seed: an interrupted benchmark already has whole seeds to show
+    for seed in range(seeds) if only_seed is None else (only_seed,):
         for model in bench.models:
             steps = model_steps(bench, model, probed)
             run_dir = train_one(bench, model, seed, steps, split, dataset, work, quick, progress)
             results[(model.label, seed)] = {"steps": steps, "final": evaluate_one(bench, model, seed, run_dir, split),
                                             **training_curve(run_dir)}
+    if only_seed is not None:
+        _log(f"seed {only_seed} of {seeds} done; rerun without --only-seed to write the results once every seed is")
+        return {"only_seed": only_seed, "models": len(bench.models)}
     costs = None
     if bench.measure_cost:
         from diffaccel.bench.cost import measure_costs
