@@ -139,22 +139,23 @@ def test_summary_steps_to_reference_convergence_and_significance():
     assert {r["model"]: r for r in summary["rows"]}["fast"]["steps_to_reference_best"] == "reference still improving"
 
 
-def _worker(out: str, seed: int) -> None:
+def _worker(out: str, seed: int | None) -> None:
     run_benchmark(tiny_benchmark(), out, seeds=2, progress=False, only_seed=seed)
 
 
-def test_two_concurrent_seed_workers_give_the_serial_results(finished, tmp_path):
-    """One worker per seed on one work folder (setup under a lock), then a plain rerun that only summarises."""
+def test_concurrent_workers_share_the_units_and_give_the_serial_results(finished, tmp_path):
+    """Two processes on one work folder (setup under a lock, each (model, seed) claimed by one of them): a plain
+    one, which writes the results, and one restricted to seed 1, which writes none; a rerun only summarises."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_worker, args=(str(tmp_path), k)) for k in (0, 1)]
+    workers = [ctx.Process(target=_worker, args=(str(tmp_path), k)) for k in (None, 1)]
     for w in workers:
         w.start()
     for w in workers:
         w.join(timeout=600)
     assert [w.exitcode for w in workers] == [0, 0]
-    assert not (tmp_path / "results.json").exists()  # workers write no results
+    assert (tmp_path / "results.json").is_file()
     trained = [tmp_path / "work" / m / f"seed{k}" / "trained.json" for m in ("a", "b") for k in (0, 1)]
     stamps = [p.stat().st_mtime_ns for p in trained]
     summary = run_benchmark(tiny_benchmark(), tmp_path, seeds=2, progress=False)

@@ -59,13 +59,10 @@ def test_latent_baseline_samples_and_resumes_from_the_cli(latent_run, tmp_path):
     assert list_checkpoints(latent_run / "checkpoints")[-1].name.endswith("6")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--clip-x0"], "--clip-x0 clips the predicted x0 to the pixel range"),
-    (["--pds"], "PDS is not defined for a latent baseline"),
-])
-def test_pixel_only_sampler_options_are_refused_on_latents(latent_run, tmp_path, capsys, flags, message):
+def test_pixel_only_sampler_options_are_refused_on_latents(latent_run, tmp_path, capsys):
+    message = "--clip-x0 clips the predicted x0 to the pixel range"
     with pytest.raises(SystemExit) as e:
-        main(["sample", str(latent_run), "--n", "2", "--out", str(tmp_path / "x.png"), *flags])
+        main(["sample", str(latent_run), "--n", "2", "--out", str(tmp_path / "x.png"), "--clip-x0"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
@@ -77,8 +74,8 @@ def test_latent_baseline_refusals(ae_run, latent_run, tmp_path, capsys):
                "--out", str(tmp_path / "r")], "--clip-x0 clips"),
              (["train", "--method", "baseline", "--autoencoder", str(tmp_path / "none"), *COMMON, "--steps", "1",
                "--out", str(tmp_path / "r")], "no such run directory"),
-             (["train", "--method", "kl", "--autoencoder", str(ae_run), *COMMON, "--steps", "1",
-               "--out", str(tmp_path / "r")], "--autoencoder is not used by method 'kl'")]
+             (["train", "--method", "ddgan", "--autoencoder", str(ae_run), *COMMON, "--steps", "1",
+               "--out", str(tmp_path / "r")], "--autoencoder is not used by method 'ddgan'")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -93,3 +90,21 @@ def test_latent_baseline_does_not_export(latent_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["export", str(latent_run), str(tmp_path / "o")])
     assert e.value.code == 2 and "latent baseline runs (--autoencoder) do not export" in capsys.readouterr().err
+
+
+def test_latent_pds_preconditions_the_latents_with_their_own_spectrum(ae_run, latent_run):
+    """--pds on a latent run: the frequency filter of the encoded training images, at the latent's shape."""
+    from diffaccel.data import load_dataset
+    from diffaccel.methods.pds import frequency_filter, representative_images
+    from diffaccel.runs import load_run
+
+    method, nets = load_run(latent_run)
+    pre = method.pds_preconditioner((1, 8, 8), pds=True)
+    images = representative_images(load_dataset("digits", 8), 200)  # as PDS reads the run's data
+    latents = method.autoencoder("cpu").encode_scaled(images)
+    assert pre.freq.shape == (2, 4, 4)
+    torch.testing.assert_close(pre.freq, frequency_filter(latents))
+    assert not torch.allclose(pre.freq, torch.ones_like(pre.freq))  # a filter, not the identity
+    x = method.sample(nets["net"], 3, (1, 8, 8), generator=torch.Generator().manual_seed(0), steps=4, pds=True,
+                      progress=False)
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()

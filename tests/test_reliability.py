@@ -90,11 +90,19 @@ def _leaves(obj, prefix=""):
 
 
 # --- 1. crash and resume ----------------------------------------------------------------------------------------
-def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted_run(tmp_path, space):
     """A real `diffaccel train` is SIGKILLed mid-run; --resume gives the same losses and bitwise the same weights,
-    EMA, optimiser, data-order and RNG state as an uninterrupted run with the same seed."""
+    EMA, optimiser, data-order and RNG state as an uninterrupted run with the same seed. The latent case is KL
+    diffusion on an autoencoder's latents (two runs reading one autoencoder run at once)."""
     steps = 12
     args = [*CLI_TINY, "--steps", str(steps), "--checkpoint-every", "3", "--seed", "7", "--hflip"]
+    if space == "latent":
+        ae = tmp_path / "ae"
+        cli.main(["train", "--method", "autoencoder", "--data", "digits", "--data-limit", "64", "--preset", "tiny",
+                  "--batch-size", "8", "--steps", "2", "--checkpoint-every", "2", "--ae-factor", "2",
+                  "--latent-channels", "2", "--sample-every", "0", "--device", "cpu", "--out", str(ae)])
+        args += ["--method", "kl", "--time-steps", "20", "--kl-terms", "3", "--autoencoder", str(ae)]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     ref_out, crash_out = tmp_path / "reference", tmp_path / "crashed"
     reference = subprocess.Popen([sys.executable, "-m", "diffaccel.cli", "train", *args, "--out", str(ref_out)],

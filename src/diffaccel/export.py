@@ -82,9 +82,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, ema: bool = True, ch
     if config["method"] != "baseline" and config["method"] not in PIPELINES:
         raise UserError(f"{config['method']!r} runs do not export (they sample nothing on their own); exportable: "
                         f"baseline, {', '.join(PIPELINES)}")
-    if config["method"] == "baseline" and config.get("method_config", {}).get("autoencoder"):
-        raise UserError("latent baseline runs (--autoencoder) do not export yet: a diffusers DDIMPipeline has no "
-                        "decoder; export the pixel baseline or the LDDGAN run instead")
+    if config["method"] != "lddgan" and config.get("method_config", {}).get("autoencoder"):
+        raise UserError(f"latent {config['method']} runs (--autoencoder) do not export yet: their pipelines have no "
+                        f"decoder; export a pixel run or an LDDGAN run instead")
     method, nets = load_run(run_dir, "cpu", checkpoint=checkpoint, ema=ema)
     pipe = baseline_pipeline(method, nets["net"]) if config["method"] == "baseline" else \
         pipeline_for(config, method, nets)

@@ -428,7 +428,10 @@ class Trainer:
         return out
 
     def sample_grid(self, path: Path) -> None:
-        opts = self.cfg.sample_options or {}
+        opts = dict(self.cfg.sample_options or {})
+        grid = getattr(self.method, "alpha_bars", None)
+        if "steps" not in opts and grid is not None and len(grid) - 1 < 20:
+            opts["steps"] = len(grid) - 1  # the samplers' default of 20 DDIM steps does not fit a shorter time grid
         net = self.ema[self.method.sampling_network].module
         with torch.random.fork_rng(devices=[]):
             g = torch.Generator(device=self.accelerator.device).manual_seed(self.cfg.seed)

@@ -20,6 +20,7 @@ seed sees the same initial noise.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -362,8 +363,6 @@ def dry_run(bench: Benchmark, seeds: int, dataset, work: Path, quick: bool) -> d
 @contextlib.contextmanager
 def _exclusive(path: Path):
     """Hold an exclusive lock on ``path`` (workers sharing a work folder set it up one at a time)."""
-    import fcntl
-
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -372,14 +371,27 @@ def _exclusive(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _claim(path: Path, wait: bool):
+    """An exclusive lock on ``path`` (released when the returned handle closes), or None if another process holds
+    it and ``wait`` is False."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 def run_benchmark(bench: Benchmark, out_dir: str | Path, seeds: int = 1, dry_run_only: bool = False,
                   quick: bool = False, progress: bool = True, only_seed: int | None = None) -> dict:
     """Train, evaluate and report every model of ``bench`` for seeds 0..seeds-1; resumable (see module doc).
 
-    ``only_seed=K`` makes this process a worker: it trains and evaluates seed K alone and writes no results, so
-    that several processes (one per core) can share one work folder; the probe, the floors and every setup are
-    made under a lock by whichever worker comes first. Rerunning without ``only_seed`` then finds every seed done
-    and writes the results."""
+    Several processes (one per core) may run the same benchmark on one work folder: the probe, the floors and
+    every setup are made under a lock by whichever comes first, then each (model, seed) is claimed by one process
+    at a time; a process skips the ones others hold, comes back to them once its own are done, and writes the
+    results. ``only_seed=K`` restricts a process to seed K and makes it write no results."""
     from diffaccel.bench.summary import summarize, write_outputs
     from diffaccel.data import load_dataset
 
@@ -403,12 +415,21 @@ def run_benchmark(bench: Benchmark, out_dir: str | Path, seeds: int = 1, dry_run
         floor = floors(bench, split, seeds, work)
     results = {}
     # seed by seed: an interrupted benchmark already has whole seeds to show
-    for seed in range(seeds) if only_seed is None else (only_seed,):
-        for model in bench.models:
-            steps = model_steps(bench, model, probed)
-            run_dir = train_one(bench, model, seed, steps, split, dataset, work, quick, progress)
-            results[(model.label, seed)] = {"steps": steps, "final": evaluate_one(bench, model, seed, run_dir, split),
-                                            **training_curve(run_dir)}
+    units = [(model, seed) for seed in (range(seeds) if only_seed is None else (only_seed,)) for model in bench.models]
+    for wait in (False, True):  # first the units no other process holds, then wait for the others' to finish
+        held = []
+        for model, seed in units:
+            claim = _claim(work / "claims" / f"{slug(model.label)}-seed{seed}", wait)
+            if claim is None:
+                held.append((model, seed))
+                continue
+            with claim:
+                steps = model_steps(bench, model, probed)
+                run_dir = train_one(bench, model, seed, steps, split, dataset, work, quick, progress)
+                final = evaluate_one(bench, model, seed, run_dir, split)
+                results[(model.label, seed)] = {"steps": steps, "final": final, **training_curve(run_dir)}
+        units = held
+    results = {(m.label, k): results[m.label, k] for k in range(seeds) for m in bench.models if (m.label, k) in results}
     if only_seed is not None:
         _log(f"seed {only_seed} of {seeds} done; rerun without --only-seed to write the results once every seed is")
         return {"only_seed": only_seed, "models": len(bench.models)}
@@ -418,7 +439,8 @@ def run_benchmark(bench: Benchmark, out_dir: str | Path, seeds: int = 1, dry_run
 
         costs = measure_costs(bench, work, quick)
     summary = summarize(bench, results, floor, seeds, costs)
-    if bench.extra is not None:
-        summary["extra"] = bench.extra(bench, results, out_dir)
-    write_outputs(bench, summary, out_dir, work, started, quick)
+    with _exclusive(work / "setup.lock"):  # workers finishing together write one after the other
+        if bench.extra is not None:
+            summary["extra"] = bench.extra(bench, results, out_dir)
+        write_outputs(bench, summary, out_dir, work, started, quick)
     return summary

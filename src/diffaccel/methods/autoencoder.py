@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -303,7 +304,7 @@ def load_autoencoder(run_dir: str | Path, device="cpu") -> nn.Module:
         ae.latent_shift.zero_()
         ae.latent_scale.fill_(1.0)
         stats = latent_statistics(encode_images(ae, training_images(run_dir), device, scaled=False))
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # runs sharing the autoencoder may race
         tmp.write_text(json.dumps(stats))
         tmp.replace(path)
     ae.latent_shift.copy_(torch.tensor(stats["shift"]))
@@ -325,7 +326,7 @@ def cached_latents(run_dir: str | Path, ae: nn.Module, dataset, device):
     else:
         latents = encode_images(ae, dataset.images, device)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # runs sharing the autoencoder may race
         save_file({"latents": latents.contiguous()}, tmp)
         tmp.replace(path)
     return ImageDataset(latents, f"{dataset.name}:latents")

@@ -32,8 +32,6 @@ class Baseline(LatentSpace, EpsilonPDS, Method):
     """
 
     name = "baseline"
-    composition_notes = {"latent+pds": "the PDS filter comes from the pixel statistics of the training images; a "
-                                       "latent filter is not built yet"}
 
     def __init__(self, N: int = 1000, schedule: str = "vp", noise_variance: str = "unit", kl_terms: int = 8,
                  autoencoder: str | None = None):
@@ -124,25 +122,16 @@ class Baseline(LatentSpace, EpsilonPDS, Method):
     def sample(self, net: nn.Module, n: int, image_shape, *, generator=None, device=None, sampler: str = "ddim",
                steps: int = 20, eta: float = 1.0, progress: bool = True, clip_x0: bool = False, pds: bool = False,
                **pds_options) -> torch.Tensor:
-        self.check_latent_options(clip_x0=clip_x0, pds=pds)
+        self.check_latent_options(clip_x0=clip_x0)
         pre = self.pds_preconditioner(image_shape, pds, **pds_options)
         x = sample_epsilon(net, (n, *self.data_shape(image_shape)), self.alpha_bars, sampler=sampler, steps=steps,
                            eta=eta, generator=generator, device=device, progress=progress, preconditioner=pre,
                            clip_x0=clip_x0)
         return self.decode(x).clamp(-1, 1) if self.latent else x
 
-    def check_latent_options(self, clip_x0: bool = False, pds: bool = False) -> None:
-        """Sampler options that only make sense on pixels, refused in latent space before any work."""
-        if self.latent and clip_x0:
-            raise UserError("--clip-x0 clips the predicted x0 to the pixel range [-1, 1]; a latent baseline's x0 "
-                            "is a unit-std latent (its decoded image is clipped anyway): drop --clip-x0")
-        if self.latent and pds:
-            raise UserError("--pds builds its filter from the pixel statistics of the training images, which do not "
-                            "describe latents: PDS is not defined for a latent baseline")
-
     def sampler_options(self, args: argparse.Namespace) -> dict:
         options = super().sampler_options(args)
-        self.check_latent_options(clip_x0=bool(options.get("clip_x0")), pds=bool(options.get("pds")))
+        self.check_latent_options(clip_x0=bool(options.get("clip_x0")))
         return options
 
     def nfe(self, sampler: str = "ddim", steps: int = 20, **_) -> int:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method, add_clip_x0_argument
+from diffaccel.methods.latent import LatentSpace, add_autoencoder_argument, check_autoencoder_run
 from diffaccel.schedules import linear_schedule
 
 
@@ -111,11 +112,13 @@ def _add_once(group: argparse._ArgumentGroup, flag: str, **kwargs) -> None:
         group.add_argument(flag, **kwargs)
 
 
-class DVDP(Method):
+class DVDP(LatentSpace, Method):
     """Dimensionality-varying diffusion with orthogonal attenuation; one fully convolutional network for all stages.
 
     Stage k holds the time steps t ∈ (T_k, T_{k+1}] (T_0 = 0, T_{K+1} = T) and works at resolution H/2^k.
-    The network is called ``net(x_t^k, t)`` with the integer time step t as a float.
+    The network is called ``net(x_t^k, t)`` with the integer time step t as a float. With ``autoencoder`` set,
+    the process runs on that autoencoder's unit-std latents (down/up average and repeat each latent channel) and
+    every sample is decoded.
     """
 
     name = "dvdp"
@@ -124,7 +127,9 @@ class DVDP(Method):
     # Gaussian testbed fitted to MNIST-32 (docs/dvdp.md); for subspace diffusion uniform did (see below)
     default_step_allocation = "log-snr"
 
-    def __init__(self, turning_points: Sequence[int] = (600,), T: int = 1000, lambda_at_turn: float = 1e-2):
+    def __init__(self, turning_points: Sequence[int] = (600,), T: int = 1000, lambda_at_turn: float = 1e-2,
+                 autoencoder: str | None = None):
+        self.autoencoder_run = check_autoencoder_run(autoencoder) if autoencoder else None
         T = int(T)
         if T < 2:
             raise UserError(f"the number of time steps T must be >= 2, got {T}")
@@ -142,7 +147,11 @@ class DVDP(Method):
 
     # --- configuration -----------------------------------------------------------------------------------------
     def config(self) -> dict:
-        return {"turning_points": list(self.turning_points), "T": self.T, "lambda_at_turn": self.lambda_at_turn}
+        return {"turning_points": list(self.turning_points), "T": self.T, "lambda_at_turn": self.lambda_at_turn,
+                **self._latent_config()}
+
+    def _latent_config(self) -> dict:
+        return {"autoencoder": self.autoencoder_run} if self.latent else {}  # pixel configs stay as they were
 
     @staticmethod
     def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -151,6 +160,7 @@ class DVDP(Method):
                        "(default 600); each one halves the resolution")
         _add_once(group, "--lambda-at-turn", type=float, default=1e-2,
                   help="dvdp: signal scale of a detail subspace at the turning point that drops it (default 1e-2)")
+        add_autoencoder_argument(group)
 
     @staticmethod
     def add_sample_arguments(group: argparse._ArgumentGroup) -> None:
@@ -165,6 +175,7 @@ class DVDP(Method):
 
     def sampler_options(self, args: argparse.Namespace) -> dict:
         options = super().sampler_options(args)
+        self.check_latent_options(clip_x0=bool(options.get("clip_x0")))
         for key in ("step_allocation", "stage_steps"):
             if getattr(args, key, None) is not None:
                 options[key] = getattr(args, key)
@@ -185,7 +196,7 @@ class DVDP(Method):
         kwargs["turning_points"] = (600,) if tps is None else tps
         if not cls.equal_schedules:
             kwargs["lambda_at_turn"] = getattr(args, "lambda_at_turn", 1e-2)
-        return cls(**kwargs)
+        return cls(**kwargs, autoencoder=getattr(args, "autoencoder", None))
 
     # --- shapes and stages -------------------------------------------------------------------------------------
     def check_image_size(self, height: int, width: int) -> None:
@@ -195,6 +206,7 @@ class DVDP(Method):
                             f"divisible by {f}; got {height}×{width}")
 
     def build_networks(self, net_cfg: dict, image_shape: tuple[int, int, int]) -> dict[str, nn.Module]:
+        image_shape = self.data_shape(image_shape)  # the latent's on an autoencoder
         self.check_image_size(image_shape[1], image_shape[2])
         nets = super().build_networks(net_cfg, image_shape)
         levels = len(nets["net"].config.block_out_channels)
@@ -384,7 +396,8 @@ class DVDP(Method):
         ``clip_x0`` clips each predicted x0 to the data range (see ``clipped_epsilon``); ``step_allocation`` and
         ``stage_steps`` choose DDIM's steps per stage (see ``time_grid``).
         """
-        C, H, W = image_shape
+        self.check_latent_options(clip_x0=clip_x0)
+        C, H, W = self.data_shape(image_shape)
         self.check_image_size(H, W)
         if sampler == "ddpm":
             eta = 1.0
@@ -408,7 +421,7 @@ class DVDP(Method):
             if k > 0:
                 x = self.jump(x, k - 1, generator)
         bar.close()
-        return x
+        return self.decode(x).clamp(-1, 1) if self.latent else x
 
     def nfe(self, sampler: str = "ddim", steps: int = 20, stage_steps: Sequence[int] | None = None, **_) -> int:
         if sampler == "ddpm":
@@ -465,8 +478,9 @@ class SubspaceDiffusion(DVDP):
     NETWORKS = ("shared", "per-stage")
 
     def __init__(self, turning_points: Sequence[int] = (600,), T: int = 1000, jump: str = "noise",
-                 detail_variance: Sequence[float] | None = None, networks: str = "shared"):
-        super().__init__(turning_points=turning_points, T=T, lambda_at_turn=0.5)
+                 detail_variance: Sequence[float] | None = None, networks: str = "shared",
+                 autoencoder: str | None = None):
+        super().__init__(turning_points=turning_points, T=T, lambda_at_turn=0.5, autoencoder=autoencoder)
         if networks not in self.NETWORKS:
             raise UserError(f"subspace networks must be one of {', '.join(self.NETWORKS)}, got {networks!r}")
         self.networks = networks
@@ -494,7 +508,7 @@ class SubspaceDiffusion(DVDP):
             cfg["detail_variance"] = list(self.detail_variance)
         if self.networks != "shared":
             cfg["networks"] = self.networks
-        return cfg
+        return {**cfg, **self._latent_config()}
 
     @staticmethod
     def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -514,18 +528,19 @@ class SubspaceDiffusion(DVDP):
         jump = getattr(args, "subspace_jump", None) or "fitted"
         networks = getattr(args, "subspace_networks", None) or "shared"
         return cls(turning_points=(600,) if tps is None else tps, T=1000 if time_steps is None else time_steps,
-                   jump=jump, networks=networks)
+                   jump=jump, networks=networks, autoencoder=getattr(args, "autoencoder", None))
 
     def build_networks(self, net_cfg: dict, image_shape: tuple[int, int, int]) -> dict[str, nn.Module]:
         nets = super().build_networks(net_cfg, image_shape)          # checks every stage's resolution
         if self.networks == "shared":
             return nets
-        C, H, W = image_shape
+        C, H, W = self.data_shape(image_shape)
         stages = [nets["net"]] + [Method.build_networks(self, net_cfg, (C, H // 2**k, W // 2**k))["net"]
                                   for k in range(1, self.K + 1)]
         return {"net": StageNetworks(stages, self.turning_points)}
 
     def prepare(self, dataset, device):
+        dataset = super().prepare(dataset, device)  # the scaled latents on an autoencoder: the jump fits on them
         if self.jump_kind == "fitted" and self.detail_variance is None:
             images = dataset.images[: 10_000]             # plenty for one variance per turning point
             self.fit_detail_variance(dataset.to_model_space(images))

@@ -25,6 +25,7 @@ from torch import nn
 
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method
+from diffaccel.methods.latent import LatentSpace, add_autoencoder_argument, check_autoencoder_run
 from diffaccel.methods.pds import EpsilonPDS
 from diffaccel.samplers import sample_epsilon
 from diffaccel.schedules import VPSchedule
@@ -90,21 +91,22 @@ def kl_partial_loss(z: torch.Tensor, z_hat: torch.Tensor, t: torch.Tensor) -> to
 
 
 # --- the method -------------------------------------------------------------------------------------------
-class KLDiffusion(EpsilonPDS, Method):
+class KLDiffusion(LatentSpace, EpsilonPDS, Method):
     """KL diffusion training (eq. 19, 20, 25) and sampling through the epsilon of eq. 24.
 
     M: terms of the truncated expansion; N: time grid t_k = k/N; partial: M' terms per image for eq. 20
     (1st variant only); variant: "1st" (one network, time index N(m−1)+k, M evaluations batched) or "2nd"
     (one evaluation of a network with M·C output channels). ``time_scale`` multiplies the time index fed to
     the network and ``correction`` is a fixed per-(m, t) output gain; both stay at their neutral values
-    except when fine-tuning from a baseline (see ``init_from_baseline`` and docs/kl.md).
+    except when fine-tuning from a baseline (see ``init_from_baseline`` and docs/kl.md). With ``autoencoder``
+    set, the expansion runs on that autoencoder's unit-std latents and every sample is decoded.
     """
 
     name = "kl"
 
     def __init__(self, M: int = 8, N: int = 20, partial: int | None = None, variant: str = "1st",
                  schedule="vp", time_scale: float = 1.0, correction: str = "none",
-                 partial_normalized: bool = False, term_embedding: bool = False):
+                 partial_normalized: bool = False, term_embedding: bool = False, autoencoder: str | None = None):
         if int(M) != M or M < 1:
             raise UserError(f"--kl-terms (M) must be a positive integer, got {M}")
         if int(N) != N or N < 1:
@@ -142,6 +144,7 @@ class KLDiffusion(EpsilonPDS, Method):
         self.partial_normalized = bool(partial_normalized)
         self.term_embedding = bool(term_embedding)
         self.alpha_bars = self.schedule.grid(self.N)  # float64 [N+1] for the samplers
+        self.autoencoder_run = check_autoencoder_run(autoencoder) if autoencoder else None
 
     # --- configuration -----------------------------------------------------------------------------------
     def config(self) -> dict:
@@ -150,7 +153,8 @@ class KLDiffusion(EpsilonPDS, Method):
                 "schedule": "vp" if sched == VPSchedule().config() else sched,
                 "time_scale": self.time_scale, "correction": self.correction,
                 **({"partial_normalized": True} if self.partial_normalized else {}),
-                **({"term_embedding": True} if self.term_embedding else {})}
+                **({"term_embedding": True} if self.term_embedding else {}),
+                **({"autoencoder": self.autoencoder_run} if self.latent else {})}
 
     @staticmethod
     def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -169,6 +173,7 @@ class KLDiffusion(EpsilonPDS, Method):
         group.add_argument("--kl-correction", choices=CORRECTIONS[1:], default="paper",
                            help="KL fine-tuning (--init-from): output correction, 'paper' = √t/Σphi_m(t) (§6.6), "
                                 "'posterior' = √t·phi_m(t)/Σphi²(t) (see docs/kl.md)")
+        add_autoencoder_argument(group)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "KLDiffusion":
@@ -178,6 +183,8 @@ class KLDiffusion(EpsilonPDS, Method):
             kwargs["partial_normalized"] = True
         if getattr(args, "kl_term_embedding", False):
             kwargs["term_embedding"] = True
+        if getattr(args, "autoencoder", None):
+            kwargs["autoencoder"] = args.autoencoder
         init_from = getattr(args, "init_from", None)
         if init_from:
             # fix the fine-tuning parameterisation now, so that the run's config.yaml records it
@@ -302,10 +309,17 @@ class KLDiffusion(EpsilonPDS, Method):
     def sample(self, net: nn.Module, n: int, image_shape, *, generator=None, device=None, sampler: str = "ddim",
                steps: int = 20, eta: float = 1.0, progress: bool = True, clip_x0: bool = False, pds: bool = False,
                **pds_options) -> torch.Tensor:
-        return sample_epsilon(lambda x, k: self.epsilon(net, x, k), (n, *image_shape), self.alpha_bars,
-                              sampler=sampler, steps=steps, eta=eta, generator=generator, device=device,
-                              progress=progress, clip_x0=clip_x0,
-                              preconditioner=self.pds_preconditioner(image_shape, pds, **pds_options))
+        self.check_latent_options(clip_x0=clip_x0)
+        x = sample_epsilon(lambda x, k: self.epsilon(net, x, k), (n, *self.data_shape(image_shape)),
+                           self.alpha_bars, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                           device=device, progress=progress, clip_x0=clip_x0,
+                           preconditioner=self.pds_preconditioner(image_shape, pds, **pds_options))
+        return self.decode(x).clamp(-1, 1) if self.latent else x
+
+    def sampler_options(self, args: argparse.Namespace) -> dict:
+        options = super().sampler_options(args)
+        self.check_latent_options(clip_x0=bool(options.get("clip_x0")))
+        return options
 
     def nfe(self, sampler: str = "ddim", steps: int = 20, **_) -> int:
         """Network evaluations per image: the 1st variant evaluates M coefficients per step (one batched call,
@@ -320,6 +334,9 @@ class KLDiffusion(EpsilonPDS, Method):
         from diffaccel.pretrained import check_architecture, is_diffusers_folder
 
         if is_diffusers_folder(init_from):
+            if self.latent:
+                raise UserError("--init-from a diffusers pipeline gives a pixel model; a latent KL run fine-tunes "
+                                "from a latent baseline run of the same --autoencoder")
             from diffaccel.nets.unet import DiffusersAdapter
 
             pre = _pretrained_vp(init_from)
@@ -329,6 +346,10 @@ class KLDiffusion(EpsilonPDS, Method):
         from diffaccel.runs import load_run
 
         base_method, base_nets = load_run(Path(init_from), "cpu")
+        if getattr(base_method, "autoencoder_run", None) != self.autoencoder_run:
+            raise UserError(f"--init-from {init_from} trained on the latents of "
+                            f"{getattr(base_method, 'autoencoder_run', None) or 'no autoencoder (pixels)'}, this run "
+                            f"on those of {self.autoencoder_run or 'none (pixels)'}: both must use the same space")
         base_N = _baseline_steps(base_method, init_from)
         init_from_baseline(self, nets["net"], base_nets["net"], base_N)
 

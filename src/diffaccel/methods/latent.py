@@ -20,7 +20,8 @@ def add_autoencoder_argument(group: argparse._ArgumentGroup) -> None:
     if "--autoencoder" not in group._option_string_actions:  # shared by every method that can run on latents
         group.add_argument("--autoencoder", default=None,
                            help="run directory of a trained autoencoder (`train --method autoencoder`): train and "
-                                "sample in its unit-std latent space (lddgan: required; baseline: optional)")
+                                "sample in its unit-std latent space (lddgan: required; baseline, kl, score-ve: "
+                                "optional)")
 
 
 def check_autoencoder_run(autoencoder: str) -> str:
@@ -67,3 +68,18 @@ class LatentSpace:
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return self.autoencoder(x.device).decode_scaled(x) if self.latent else x
+
+    @torch.no_grad()
+    def to_diffusion_space(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        """Images in [-1, 1] as the diffusion sees them: unchanged in pixel space, else their scaled latents
+        (what a PDS filter of a latent run is computed from: the latents' own spectrum)."""
+        if not self.latent:
+            return images
+        ae = self.autoencoder("cpu")
+        return torch.cat([ae.encode_scaled(images[i:i + batch].float()) for i in range(0, len(images), batch)])
+
+    def check_latent_options(self, clip_x0: bool = False) -> None:
+        """Sampler options that only make sense on pixels, refused in latent space before any work."""
+        if self.latent and clip_x0:
+            raise UserError(f"--clip-x0 clips the predicted x0 to the pixel range [-1, 1]; a latent {self.name}'s "
+                            "x0 is a unit-std latent (its decoded image is clipped anyway): drop --clip-x0")

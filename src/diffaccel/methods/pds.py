@@ -311,12 +311,16 @@ class EpsilonPDS:
     def pds_preconditioner(self, image_shape, pds: bool = False, **pds_options) -> "Preconditioner | None":
         if not pds:
             return None
-        return preconditioner_for_run(getattr(self, "run_dir", None), image_shape, **pds_options)
+        # a latent run (methods.latent.LatentSpace) preconditions its latents, with the latents' own filter
+        to_space = getattr(self, "to_diffusion_space", None)
+        shape = self.data_shape(image_shape) if hasattr(self, "data_shape") else image_shape
+        return preconditioner_for_run(getattr(self, "run_dir", None), shape, to_space=to_space, **pds_options)
 
 
 def preconditioner_for_run(run_dir, image_shape, *, pds_alpha: float = 5.0, pds_space: bool = False,
-                           pds_filter: str | None = None, pds_images: int = 200) -> Preconditioner:
-    """The preconditioner of a trained run: from a filter file, or from ``pds_images`` of the run's training data."""
+                           pds_filter: str | None = None, pds_images: int = 200, to_space=None) -> Preconditioner:
+    """The preconditioner of a trained run: from a filter file, or from ``pds_images`` of the run's training data
+    (mapped by ``to_space``, e.g. to latents, when given)."""
     images = None
     if pds_filter is None:
         if run_dir is None:
@@ -327,6 +331,8 @@ def preconditioner_for_run(run_dir, image_shape, *, pds_alpha: float = 5.0, pds_
         train = read_config(run_dir)["train"]
         dataset = load_dataset(train["data"], train.get("resolution"), train.get("channels"))
         images = representative_images(dataset, pds_images)
+        if to_space is not None:
+            images = to_space(images)
     pre = build_preconditioner(images, alpha=pds_alpha, use_space=pds_space, filter_file=pds_filter)
     pre.check_shape(tuple(image_shape))
     return pre

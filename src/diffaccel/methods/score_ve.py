@@ -23,6 +23,7 @@ from torch import nn
 
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method
+from diffaccel.methods.latent import LatentSpace, add_autoencoder_argument, check_autoencoder_run
 
 SIGMA_DATA = 0.5  # scale of [0, 1] data used only for the input scaling
 SAMPLERS = ("pc", "ald")  # predictor-corrector (Song et al. 2021), annealed Langevin dynamics (NCSN)
@@ -43,13 +44,18 @@ def sigma_max_from_data(dataset_images: torch.Tensor) -> float:
     return max_pairwise_distance(images)
 
 
-class ScoreVE(Method):
-    """VE score model; ``sample(sampler="pc" | "ald", steps=N, predictor=…, snr=…, pds=…)``."""
+class ScoreVE(LatentSpace, Method):
+    """VE score model; ``sample(sampler="pc" | "ald", steps=N, predictor=…, snr=…, pds=…)``.
+
+    With ``autoencoder`` set, the score model runs on that autoencoder's unit-std latents z (as y = (z + 1)/2, the
+    same affine map as pixels), sigma_max comes from the latents, a PDS filter from the latents' spectrum, and
+    every sample is decoded."""
 
     name = "score-ve"
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float | None = None, num_scales: int = 1000,
-                 data: str | None = None, resolution: int | None = None, channels: int | None = None):
+                 data: str | None = None, resolution: int | None = None, channels: int | None = None,
+                 autoencoder: str | None = None):
         if num_scales < 1:
             raise UserError(f"--num-scales must be >= 1, got {num_scales}")
         if sigma_max is not None and not 0 < sigma_min < sigma_max:
@@ -57,12 +63,14 @@ class ScoreVE(Method):
         self.sigma_min, self.sigma_max, self.num_scales = float(sigma_min), sigma_max, int(num_scales)
         # the data spec is kept so that PDS can build its filters from the training data at sampling time
         self.data, self.resolution, self.channels = data, resolution, channels
+        self.autoencoder_run = check_autoencoder_run(autoencoder) if autoencoder else None
         self._pds_cache: dict = {}
 
     # --- configuration -------------------------------------------------------------------------------------
     def config(self) -> dict:
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "num_scales": self.num_scales,
-                "data": self.data, "resolution": self.resolution, "channels": self.channels}
+                "data": self.data, "resolution": self.resolution, "channels": self.channels,
+                **({"autoencoder": self.autoencoder_run} if self.latent else {})}
 
     @staticmethod
     def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -71,25 +79,30 @@ class ScoreVE(Method):
                                 "images in [0, 1], as score_sde recommends)")
         group.add_argument("--num-scales", type=int, default=1000,
                            help="score-ve: number of noise levels of the full sampler (score_sde: 1000)")
+        add_autoencoder_argument(group)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ScoreVE":
         data, resolution, channels = (getattr(args, k, None) for k in ("data", "resolution", "channels"))
         sigma_max = getattr(args, "sigma_max", None)
+        method = cls(sigma_max=sigma_max, data=data, resolution=resolution, channels=channels,
+                     num_scales=1000 if getattr(args, "num_scales", None) is None else args.num_scales,
+                     autoencoder=getattr(args, "autoencoder", None))
         if sigma_max is None and data is not None:
             # decided here (not in prepare) so that the method's config is known before a resumed run is checked
             from diffaccel.data import load_dataset
 
             dataset = load_dataset(data, resolution, channels, limit=getattr(args, "data_limit", None))
-            sigma_max = sigma_max_from_data(dataset.images)
-        return cls(sigma_max=sigma_max, num_scales=1000 if getattr(args, "num_scales", None) is None else args.num_scales, data=data,
-                   resolution=resolution, channels=channels)
+            # on an autoencoder, of the scaled latents (encoded once, cached in the autoencoder run for training)
+            method.sigma_max = sigma_max_from_data(LatentSpace.prepare(method, dataset, "cpu").images)
+        return method
 
     def prepare(self, dataset, device):
-        if self.sigma_max is None:
-            self.sigma_max = sigma_max_from_data(dataset.images)
         if self.data is None:
             self.data = getattr(dataset, "name", None)
+        dataset = super().prepare(dataset, device)  # the scaled latents on an autoencoder
+        if self.sigma_max is None:
+            self.sigma_max = sigma_max_from_data(dataset.images)
         return dataset
 
     def _need_sigma_max(self) -> float:
@@ -135,9 +148,9 @@ class ScoreVE(Method):
                 from diffaccel.data import load_dataset
 
                 dataset = load_dataset(self.data, resolution=self.resolution, channels=self.channels)
-                images = representative_images(dataset, pds_images)
+                images = self.to_diffusion_space(representative_images(dataset, pds_images))
             pre = build_preconditioner(images, alpha=pds_alpha, use_space=pds_space, filter_file=pds_filter)
-            pre.check_shape(tuple(image_shape))
+            pre.check_shape(self.data_shape(image_shape))
             self._pds_cache[key] = pre
         pre = self._pds_cache[key]
         return pre.to(device) if device is not None else pre
@@ -162,7 +175,7 @@ class ScoreVE(Method):
                                                  pds_filter=pds_filter, device=device)
         elif preconditioner is not None:
             preconditioner = preconditioner.to(device)
-        shape = (n, *image_shape)
+        shape = (n, *self.data_shape(image_shape))
 
         def score_fn(y, sigma):
             return self.score(net, y, sigma)
@@ -174,7 +187,7 @@ class ScoreVE(Method):
                            **common)
         else:
             y = ald_sampler(score_fn, shape, sigmas, steps_each=steps_each, step_lr=step_lr, **common)
-        return (2 * y - 1).clamp(-1, 1)
+        return (self.decode(2 * y - 1) if self.latent else 2 * y - 1).clamp(-1, 1)
 
     @staticmethod
     def _check_sampler(sampler, predictor="reverse-diffusion", corrector_steps=1, snr=0.16, step_lr=2e-5,
