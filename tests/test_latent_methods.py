@@ -1,5 +1,6 @@
 """Latent space as a setting on KL, DVDP, subspace and score-VE: each trains on the autoencoder's unit-std latents
-and its sampler is the pixel sampler run at the latent's shape, then decoded."""
+and its sampler is the pixel sampler run at the latent's shape, then decoded. PDS on DVDP's stages, pixel and
+latent: one filter per stage from the stage's data."""
 
 import pytest
 import torch
@@ -118,3 +119,36 @@ def test_a_short_time_grid_still_gets_its_preview_grid(tmp_path):
     out = tmp_path / "kl10"
     main(["train", "--method", "kl", *COMMON, "--kl-terms", "2", "--time-steps", "10", "--out", str(out)])
     assert (out / "samples.png").is_file()
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_dvdp_pds_builds_one_filter_per_stage_from_that_stages_data(space, runs, ae_run, tmp_path, capsys):
+    import torch.nn.functional as F
+
+    from diffaccel.data import load_dataset
+    from diffaccel.methods.pds import frequency_filter, representative_images
+
+    if space == "latent":
+        run = runs("dvdp")
+    else:
+        run = tmp_path / "dvdp"
+        main(["train", "--method", "dvdp", *COMMON, *FLAGS["dvdp"], "--out", str(run)])
+    method, nets = load_run(run)
+    images = method.to_diffusion_space(representative_images(load_dataset("digits", 16), 200))
+    pres = method.stage_preconditioners((1, 16, 16))
+    assert len(pres) == 2
+    for k, pre in enumerate(pres):
+        torch.testing.assert_close(pre.freq, frequency_filter(F.avg_pool2d(images, 2**k) if k else images))
+    capsys.readouterr()
+    grid = tmp_path / "pds.png"
+    main(["sample", str(run), "--n", "2", "--steps", "4", "--pds", "--out", str(grid), "--device", "cpu"])
+    assert grid.is_file()
+    capsys.readouterr()  # the sampler's progress bar
+    for flags, message in ((["--pds", "--pds-filter", "f.safetensors"], "builds one per stage"),
+                           (["--pds", "--sampler", "ddpm"], "works with --sampler ddim"),
+                           (["--pds-space"], "need --pds")):
+        with pytest.raises(SystemExit) as e:
+            main(["sample", str(run), "--n", "2", *flags, "--out", str(tmp_path / "x.png")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err

@@ -164,6 +164,10 @@ class DVDP(LatentSpace, Method):
 
     @staticmethod
     def add_sample_arguments(group: argparse._ArgumentGroup) -> None:
+        from diffaccel.methods.pds import add_epsilon_pds_arguments
+
+        if "--pds" not in group._option_string_actions:
+            add_epsilon_pds_arguments(group)
         add_clip_x0_argument(group)
         _add_once(group, "--step-allocation", choices=("uniform", "log-snr"), default=None,
                   help="dvdp/subspace DDIM: steps per stage proportional to its length and even in t (uniform, "
@@ -176,6 +180,14 @@ class DVDP(LatentSpace, Method):
     def sampler_options(self, args: argparse.Namespace) -> dict:
         options = super().sampler_options(args)
         self.check_latent_options(clip_x0=bool(options.get("clip_x0")))
+        if getattr(args, "pds", False):
+            if getattr(args, "pds_filter", None):
+                raise UserError(f"--pds-filter holds one resolution's filter; {self.name} builds one per stage from "
+                                "its training data: drop --pds-filter")
+            options.update(pds=True, pds_alpha=getattr(args, "pds_alpha", 5.0),
+                           pds_space=bool(getattr(args, "pds_space", False)))
+        elif getattr(args, "pds_space", False) or getattr(args, "pds_filter", None):
+            raise UserError("--pds-space and --pds-filter need --pds")
         for key in ("step_allocation", "stage_steps"):
             if getattr(args, key, None) is not None:
                 options[key] = getattr(args, key)
@@ -366,6 +378,46 @@ class DVDP(LatentSpace, Method):
         b = (ss**2 - c**2).clamp(min=0).sqrt() - a * st
         return a, b, c
 
+    def preconditioned_step(self, x: torch.Tensor, eps: torch.Tensor, t: int, s: int, level: int, eta: float,
+                            preconditioner, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The DDIM step with its stochastic part preconditioned by M (the VP extension of PDS, docs/pds.md, run
+        per subspace).
+
+        Per subspace the step x_s = a·x + b·ε̂ + c·z splits into the η = 0 step a·x + b₀·ε̂ (b₀ = σ̄_s − a·σ̄_t)
+        and a Langevin step −d·ε̂ + c·z, d = σ̄_s − sqrt(σ̄_s² − c²) = b₀ − b, on the score −ε̂/σ̄_t with step size
+        δ = d·σ̄_t. With the per-subspace scale r = √δ the preconditioned Langevin step is
+        −r·M·Mᵀ·(r·ε̂/σ̄_t) + c·M·z (r and c applied per subspace, M a stage filter); M = I gives the plain step.
+        """
+        a, b, c = self.step_coefficients(t, s, eta)
+        st, ss = self.sig[:, t], self.sig[:, s]
+        b0 = ss - a * st
+        x = apply_per_subspace(x, level, a) + apply_per_subspace(eps, level, b0)
+        if eta == 0:
+            return x
+        r = ((b0 - b).clamp(min=0) * st).sqrt()
+        drift = apply_per_subspace(preconditioner.apply_gram(apply_per_subspace(eps, level, r / st)), level, r)
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x - drift + apply_per_subspace(preconditioner.apply(z), level, c)
+
+    def stage_preconditioners(self, image_shape, alpha: float = 5.0, use_space: bool = False, n_images: int = 200):
+        """One PDS preconditioner per stage, full resolution first: the filters of the run's training images (their
+        latents on an autoencoder) averaged down to each stage's resolution."""
+        from diffaccel.data import load_dataset
+        from diffaccel.methods.pds import build_preconditioner, representative_images
+        from diffaccel.runs import read_config
+
+        if getattr(self, "run_dir", None) is None:
+            raise UserError(f"--pds on {self.name} needs the run directory, whose training data give its filters")
+        train = read_config(self.run_dir)["train"]
+        images = self.to_diffusion_space(representative_images(
+            load_dataset(train["data"], train.get("resolution"), train.get("channels")), n_images))
+        out = [build_preconditioner(F.avg_pool2d(images, 2**k) if k else images, alpha=alpha, use_space=use_space)
+               for k in range(self.K + 1)]
+        C, H, W = self.data_shape(image_shape)
+        for k, pre in enumerate(out):
+            pre.check_shape((C, H // 2**k, W // 2**k))
+        return out
+
     def jump(self, x: torch.Tensor, turn_index: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Eq. 11 at T_k (k = turn_index + 1): x^{k−1} = Dᵀx^k + σ̄_{k−1,T_k}·(I − P)ε, noise in the detail subspace only."""
         i = turn_index
@@ -389,16 +441,25 @@ class DVDP(LatentSpace, Method):
     def sample(self, net: nn.Module, n: int, image_shape, *, generator: torch.Generator | None = None, device=None,
                sampler: str = "ddim", steps: int = 20, eta: float = 1.0, progress: bool = True,
                clip_x0: bool = False, step_allocation: str | None = None,
-               stage_steps: Sequence[int] | None = None) -> torch.Tensor:
+               stage_steps: Sequence[int] | None = None, pds: bool = False, pds_alpha: float = 5.0,
+               pds_space: bool = False, preconditioners=None) -> torch.Tensor:
         """Start from N(0, I) at resolution H/2^K, run each stage's per-subspace steps and jump at every turning point.
 
         ``sampler="ddpm"`` takes all T ancestral steps (η = 1); ``"ddim"`` takes ``steps`` steps with the given η.
         ``clip_x0`` clips each predicted x0 to the data range (see ``clipped_epsilon``); ``step_allocation`` and
-        ``stage_steps`` choose DDIM's steps per stage (see ``time_grid``).
+        ``stage_steps`` choose DDIM's steps per stage (see ``time_grid``). ``pds`` preconditions the stochastic
+        part of every DDIM step with the stage's own PDS filter (``stage_preconditioners``; ``preconditioners``
+        passes them, one per stage, full resolution first).
         """
         self.check_latent_options(clip_x0=clip_x0)
         C, H, W = self.data_shape(image_shape)
         self.check_image_size(H, W)
+        if pds or preconditioners is not None:
+            if sampler != "ddim" or clip_x0:
+                raise UserError(f"--pds on {self.name} works with --sampler ddim (any eta) and without --clip-x0")
+            if preconditioners is None:
+                preconditioners = self.stage_preconditioners(image_shape, pds_alpha, pds_space)
+            preconditioners = [p.to(device) if device is not None else p for p in preconditioners]
         if sampler == "ddpm":
             eta = 1.0
         grid = self.time_grid(sampler, steps, step_allocation, stage_steps)
@@ -413,10 +474,13 @@ class DVDP(LatentSpace, Method):
                 if clip_x0:
                     eps = self.clipped_epsilon(x, eps, t, k)
                 a, b, c = self.step_coefficients(t, s, eta)
-                x = apply_per_subspace(x, k, a) + apply_per_subspace(eps, k, b)
-                if eta > 0:
-                    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                    x = x + apply_per_subspace(z, k, c)
+                if preconditioners is None:
+                    x = apply_per_subspace(x, k, a) + apply_per_subspace(eps, k, b)
+                    if eta > 0:
+                        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                        x = x + apply_per_subspace(z, k, c)
+                else:
+                    x = self.preconditioned_step(x, eps, t, s, k, eta, preconditioners[k], generator)
                 bar.update()
             if k > 0:
                 x = self.jump(x, k - 1, generator)
