@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "pds-exact": "diffaccel.bench.pds_exact:run",
     "fid-sanity": "diffaccel.bench.fid_sanity:run",
     "lddgan": "diffaccel.bench.lddgan:run",
+    "stack": "diffaccel.bench.stack:run",
     "samplers": "diffaccel.bench.samplers:run",
     "samplers-t1": "diffaccel.bench.samplers:run_t1_sweep",
     "demo": "diffaccel.bench.demo:run",

@@ -408,6 +408,10 @@ class DVDP(LatentSpace, Method):
 
         if getattr(self, "run_dir", None) is None:
             raise UserError(f"--pds on {self.name} needs the run directory, whose training data give its filters")
+        key = (tuple(image_shape), alpha, use_space, n_images)
+        cache = self.__dict__.setdefault("_stage_preconditioners", {})  # built once per run, not at every sampling
+        if key in cache:
+            return cache[key]
         train = read_config(self.run_dir)["train"]
         images = self.to_diffusion_space(representative_images(
             load_dataset(train["data"], train.get("resolution"), train.get("channels")), n_images))
@@ -416,6 +420,7 @@ class DVDP(LatentSpace, Method):
         C, H, W = self.data_shape(image_shape)
         for k, pre in enumerate(out):
             pre.check_shape((C, H // 2**k, W // 2**k))
+        cache[key] = out
         return out
 
     def jump(self, x: torch.Tensor, turn_index: int, generator: torch.Generator | None = None) -> torch.Tensor:

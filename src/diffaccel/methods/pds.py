@@ -314,7 +314,12 @@ class EpsilonPDS:
         # a latent run (methods.latent.LatentSpace) preconditions its latents, with the latents' own filter
         to_space = getattr(self, "to_diffusion_space", None)
         shape = self.data_shape(image_shape) if hasattr(self, "data_shape") else image_shape
-        return preconditioner_for_run(getattr(self, "run_dir", None), shape, to_space=to_space, **pds_options)
+        key = (tuple(shape), tuple(sorted(pds_options.items())))
+        cache = self.__dict__.setdefault("_pds_preconditioners", {})  # built once per run, not at every sampling
+        if key not in cache:
+            cache[key] = preconditioner_for_run(getattr(self, "run_dir", None), shape, to_space=to_space,
+                                                **pds_options)
+        return cache[key]
 
 
 def preconditioner_for_run(run_dir, image_shape, *, pds_alpha: float = 5.0, pds_space: bool = False,
