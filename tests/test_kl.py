@@ -404,7 +404,14 @@ def test_benchmark_quick_run_writes_results(tmp_path):
     labels = {r["model"] for r in out["rows"]}
     assert labels == {"Baseline-b16", "Baseline-b128", "KL-8d-b16 (1st)", "KL-8d-b16 (2nd)", "KL-8d4-b16 (partial)",
                       "KL-8d4-b16 (partial, normalised)", "Baseline-b16 N=20", "Baseline-b16 N=20 v(t)-noise",
-                      "KL-8d-b16 (1st, m-embedding)"}
+                      "KL-8d-b16 (1st, m-embedding)", "KL-8d-b16 (2nd) from Baseline-b16 at half"}
+    # §6.6's row trains from the half-budget Baseline-b16 with the fine-tuning parameterisation
+    from diffaccel.runs import load_run, read_config
+
+    tuned = tmp_path / "kl" / "work" / "kl-8d-b16-2nd-from-baseline-b16-at-half" / "seed0" / "run"
+    pretrained = tmp_path / "kl" / "work" / "setup" / "pretrained-baseline" / "seed0" / "run"
+    assert read_config(tuned)["train"]["init_from"] == str(pretrained)
+    assert load_run(tuned)[0].time_scale == 1000 / 20 and read_config(pretrained)["method"] == "baseline"
     for name in ("results.json", "results.md", "results.png", "samples_kl-8d-b16-2nd_ddim-2.png"):
         assert (tmp_path / "kl" / name).is_file(), name
     assert all(math.isfinite(r["fid[digits]"].mean) and r["train_sec_per_step"].mean > 0 for r in out["rows"])

@@ -40,9 +40,9 @@ def _measure(job: tuple) -> dict:
     bench, model, work, quick, warmup, steps, threads = job
     torch.set_num_threads(threads)
     dataset = load_dataset(bench.data, bench.resolution, limit=bench.data_limit)
-    method = _method(model, work / "setup" / slug(model.label) / "seed0", 0, quick)
+    method, init_from = _method(model, work / "setup" / slug(model.label) / "seed0", 0, quick)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        cfg = _train_config(bench, model, 0, warmup + steps, Path(tmp) / "run")
+        cfg = _train_config(bench, model, 0, warmup + steps, Path(tmp) / "run", init_from)
         cfg.eval_every = 0
         trainer = Trainer(cfg, method, dataset=dataset, progress=False, log=lambda *_: None)
         device = trainer.accelerator.device

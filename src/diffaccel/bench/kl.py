@@ -13,6 +13,7 @@ step and peak training memory.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from diffaccel.bench.runner import run_benchmark
@@ -24,7 +25,30 @@ QUICK_NET = {"preset": "tiny", "overrides": {"block_out_channels": [8, 16], "nor
                                             "time_embedding_width": 32}}
 
 
-def models(sample_steps: int = 20, eta: float = 1.0) -> list[ModelSpec]:
+def pretrained_baseline(folder: Path, seed: int, quick: bool) -> dict:
+    """§6.6's starting point, shared by a seed's fine-tuning rows: Baseline-b16 trained with the same settings and
+    seed for half the benchmark's steps; the row then trains from its EMA weights for the other half."""
+    from diffaccel.bench.runner import _exclusive, _train_config
+    from diffaccel.methods.baseline import Baseline
+    from diffaccel.methods.kl import fine_tune_settings
+    from diffaccel.train import train
+
+    bench = benchmark(quick)
+    half = max(1, bench.steps // 2)
+    root = Path(folder).parent.parent / "pretrained-baseline" / f"seed{seed}"
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root / "lock"):  # benchmark workers may reach two rows of one seed at once
+        done = root / "trained.json"
+        if not done.is_file() or json.loads(done.read_text()) != {"steps": half}:
+            cfg = _train_config(bench, bench.model(REFERENCE), seed, half, root / "run")
+            cfg.eval_every = 0
+            train(cfg, Baseline(N=1000), resume=(root / "run" / "config.yaml").is_file(), progress=False,
+                  log=lambda *_: None)
+            done.write_text(json.dumps({"steps": half}))
+    return {"init_from": str(root / "run"), **fine_tune_settings(root / "run", 20)}
+
+
+def models(sample_steps: int = 20, eta: float = 1.0, steps: int = 8000) -> list[ModelSpec]:
     ddim = SamplerSpec(f"DDIM-{sample_steps}", {"sampler": "ddim", "steps": sample_steps, "eta": eta,
                                                 "clip_x0": True})
     return [
@@ -41,16 +65,21 @@ def models(sample_steps: int = 20, eta: float = 1.0) -> list[ModelSpec]:
                   {"batch_size": 16}, (ddim,)),
         ModelSpec("KL-8d-b16 (1st, m-embedding)", "kl", {"M": 8, "N": 20, "term_embedding": True},
                   {"batch_size": 16}, (ddim,)),
+        # §6.6: continue Baseline-b16 from half its budget as KL-2nd; Baseline-b16's own curve is the
+        # "continued as baseline" side (its steps = this row's steps + half)
+        ModelSpec("KL-8d-b16 (2nd) from Baseline-b16 at half", "kl", {"M": 8, "N": 20, "variant": "2nd"},
+                  {"batch_size": 16}, (ddim,), steps=max(1, steps // 2), setup=pretrained_baseline,
+                  setup_settings={"from": REFERENCE, "steps": max(1, steps // 2)}),
     ]
 
 
 def benchmark(quick: bool = False) -> Benchmark:
     common = dict(name="kl", title="KL diffusion vs baseline (MNIST-32)", reference_model=REFERENCE)
     if quick:
-        return Benchmark(**common, models=models(sample_steps=2), data="mnist5k", resolution=32, data_limit=200,
-                         steps=2, eval_every=1, n_samples=8, n_reference=64, sample_batch=8, measure_cost=False,
+        return Benchmark(**common, models=models(sample_steps=2, steps=2), data="mnist5k", resolution=32,
+                         data_limit=200, steps=2, eval_every=1, n_samples=8, n_reference=64, sample_batch=8, measure_cost=False,
                          train_defaults={"net": QUICK_NET, "lr": 1e-3, "ema_decay": 0.995})
-    return Benchmark(**common, models=models(), data="mnist5k", resolution=32, steps=8000, eval_every=1000,
+    return Benchmark(**common, models=models(steps=8000), data="mnist5k", resolution=32, steps=8000, eval_every=1000,
                      n_samples=2000, n_reference=3000,
                      train_defaults={"net": NET, "lr": 1e-3, "ema_decay": 0.995},
                      notes="KL's losses evaluate the network M = 8 times per image (one batched call), so a KL "

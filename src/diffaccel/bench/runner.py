@@ -112,11 +112,12 @@ def floors(bench: Benchmark, split: RealSplit, seeds: int, work: Path) -> dict:
 
 
 # --- training --------------------------------------------------------------------------------------------------
-def _train_config(bench: Benchmark, model: ModelSpec, seed: int, steps: int, out: Path):
+def _train_config(bench: Benchmark, model: ModelSpec, seed: int, steps: int, out: Path,
+                  init_from: str | None = None):
     from diffaccel.train import TrainConfig
 
     fields = {"data": bench.data, "resolution": bench.resolution, "data_limit": bench.data_limit,
-              **bench.train_defaults, **model.train}
+              **bench.train_defaults, **model.train, **({"init_from": init_from} if init_from else {})}
     eval_every = bench.eval_every if bench.eval_every and bench.eval_every < steps else 0
     return TrainConfig(**fields, steps=steps, seed=seed, out=str(out), eval_every=eval_every,
                        checkpoint_every=eval_every or steps, keep_checkpoints=1,
@@ -124,10 +125,13 @@ def _train_config(bench: Benchmark, model: ModelSpec, seed: int, steps: int, out
 
 
 def _method(model: ModelSpec, setup_folder: Path, seed: int, quick: bool):
+    """(method, init_from) of a model, after its setup: the setup's ``init_from`` entry is the run training starts
+    from (e.g. a pretrained baseline to fine-tune), every other entry a method setting."""
     from diffaccel.methods import build_method
 
-    extra = model.setup(setup_folder, seed, quick) if model.setup else {}
-    return build_method(model.method, {**model.method_kwargs, **extra})
+    extra = dict(model.setup(setup_folder, seed, quick)) if model.setup else {}
+    init_from = extra.pop("init_from", None)
+    return build_method(model.method, {**model.method_kwargs, **extra}), init_from
 
 
 def curve_sampler(model: ModelSpec) -> SamplerSpec | None:
@@ -182,8 +186,8 @@ def train_one(bench: Benchmark, model: ModelSpec, seed: int, steps: int, split: 
     run_dir = folder / "run"
     if (folder / "trained.json").is_file():
         return run_dir
-    method = _method(model, work / "setup" / slug(model.label) / f"seed{seed}", seed, quick)
-    cfg = _train_config(bench, model, seed, steps, run_dir)
+    method, init_from = _method(model, work / "setup" / slug(model.label) / f"seed{seed}", seed, quick)
+    cfg = _train_config(bench, model, seed, steps, run_dir, init_from)
     sampler = curve_sampler(model)
     callback = _CurveEvaluator(bench, split, sampler, steps, seed, dataset.shape) if sampler and cfg.eval_every \
         else None
@@ -281,9 +285,9 @@ def probe(bench: Benchmark, dataset, work: Path, quick: bool, models: list[Model
         if model.setup and not run_setup and not (work / "setup" / slug(model.label) / "seed0").exists():
             stored[model.label] = {"key": None, "note": "needs its setup first: not probed"}
             continue
-        method = _method(model, work / "setup" / slug(model.label) / "seed0", 0, quick)
+        method, init_from = _method(model, work / "setup" / slug(model.label) / "seed0", 0, quick)
         with tempfile.TemporaryDirectory(dir=work) as tmp:
-            cfg = _train_config(bench, model, 0, PROBE_STEPS, Path(tmp) / "run")
+            cfg = _train_config(bench, model, 0, PROBE_STEPS, Path(tmp) / "run", init_from)
             cfg.eval_every = 0
             cfg.log_every = 1
             t0 = time.perf_counter()

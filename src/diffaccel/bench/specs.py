@@ -33,7 +33,8 @@ class ModelSpec:
     ``train`` holds :class:`diffaccel.train.TrainConfig` fields that differ from the benchmark's
     ``train_defaults`` (batch_size, lr, net, ...). ``setup(folder, seed, quick) -> dict`` (optional) prepares
     what the method needs before training (e.g. an autoencoder for a latent method) in ``folder``, resumably,
-    and returns extra method settings; its ``__name__`` and ``setup_settings`` enter the training key.
+    and returns extra method settings, and optionally ``init_from``: a run to start training from (e.g. a
+    pretrained baseline to fine-tune); its ``__name__`` and ``setup_settings`` enter the training key.
     """
 
     label: str
