@@ -20,8 +20,8 @@ def add_autoencoder_argument(group: argparse._ArgumentGroup) -> None:
     if "--autoencoder" not in group._option_string_actions:  # shared by every method that can run on latents
         group.add_argument("--autoencoder", default=None,
                            help="run directory of a trained autoencoder (`train --method autoencoder`): train and "
-                                "sample in its unit-std latent space (lddgan: required; baseline, kl, score-ve: "
-                                "optional)")
+                                "sample in its unit-std latent space (lddgan: required; baseline, kl, dvdp, "
+                                "subspace, score-ve: optional)")
 
 
 def check_autoencoder_run(autoencoder: str) -> str:
