@@ -152,3 +152,25 @@ def test_dvdp_pds_builds_one_filter_per_stage_from_that_stages_data(space, runs,
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_the_timed_sampling_of_a_latent_run_includes_its_decoder(runs, monkeypatch):
+    """The harness's seconds per 100 images time method.sample, which decodes every batch once; NFE counts the
+    diffusion network's calls only (the decoder's one call per sample is in the time, as for LDDGAN)."""
+    import time
+
+    from diffaccel.bench.runner import _generate
+
+    method, nets = load_run(runs("kl"))
+    ae = method.autoencoder("cpu")
+    decode, calls = ae.decode_scaled, []
+
+    def slow_decode(z):
+        calls.append(len(z))
+        time.sleep(0.25)
+        return decode(z)
+
+    monkeypatch.setattr(ae, "decode_scaled", slow_decode)
+    images, seconds = _generate(method, nets["net"], 4, (1, 16, 16), 0, 2, {"steps": 2})
+    assert calls == [2, 2] and seconds >= 0.5 and images.shape[0] == 4
+    assert method.nfe(steps=2) == 3 * 2  # M = 3 coefficients per step (1st variant), no decoder term
