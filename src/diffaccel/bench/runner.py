@@ -36,6 +36,7 @@ from diffaccel.bench.specs import Benchmark, ModelSpec, SamplerSpec, eval_key, s
 from diffaccel.errors import UserError
 
 PROBE_STEPS = 3
+PROBE_SAMPLE_BATCH = 16  # per-image sampling cost falls with the batch on a CPU: 2 images overstate it up to 5×
 
 
 def _log(msg: str) -> None:
@@ -299,8 +300,9 @@ def probe(bench: Benchmark, dataset, work: Path, quick: bool, models: list[Model
             m, nets = load_run(Path(tmp) / "run", _device())
             per_sample = {}
             for sampler in model.samplers:
-                _, seconds = _generate(m, nets[m.sampling_network], 2, dataset.shape, 0, 2, sampler.options)
-                per_sample[sampler.label] = seconds / 2
+                b = min(bench.sample_batch, PROBE_SAMPLE_BATCH)
+                _, seconds = _generate(m, nets[m.sampling_network], b, dataset.shape, 0, b, sampler.options)
+                per_sample[sampler.label] = seconds / b
         stored[model.label] = {"key": key, "sec_per_step": curve["sec_per_step"], "setup_seconds": total,
                                "sec_per_sample": per_sample, "load_average": os.getloadavg()[0]}
         _write_json(path, stored)
