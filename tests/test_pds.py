@@ -334,7 +334,8 @@ def test_pds_benchmark_quick(tmp_path):
     bench = harness_benchmark(quick=True)
     ve = bench.model(VE_REFERENCE)
     labels = {s.label for s in ve.samplers}
-    assert {"PC-8", "PC-8 PDS a=5", "Ancestral-2", "Ancestral-2 PDS a=5"} <= labels
+    assert {"PC-8", "Ancestral-8", "PC-2 PDS a=5", "Ancestral-2 PDS a=5"} <= labels and "PC-8 PDS a=5" not in labels
+    assert {s.label for s in bench.model("Baseline-1000").samplers} == {"DDIM-2", "DDIM-2 eta=1", "DDIM-2 eta=1 PDS"}
     extra = summary["extra"]
     assert extra["best_snr"]["sampler"].startswith("sweep PC-2 snr=")
     assert extra["best_alpha"]["sampler"].startswith("sweep PC-2 PDS a=")
