@@ -151,21 +151,27 @@ def extra_tables(bench: Benchmark, results: dict, out_dir: Path) -> dict:
     return {"autoencoders": ae, "discriminators": gaps, "markdown": md}
 
 
-def benchmark(quick: bool = False) -> Benchmark:
-    common = dict(name="lddgan", title="LDDGAN vs pixel DDGAN vs latent and pixel DDPM (MNIST-32, equal training "
-                  "time)", reference_model=REFERENCE, models=models(quick), extra=extra_tables,
-                  train_defaults={"net": GAN, "batch_size": 16 if quick else 64, "lr": 2e-4, "ema_decay": 0.995})
+def equal_time_benchmark(quick: bool, notes: str = "", **common) -> Benchmark:
+    """The protocol `bench lddgan` and `bench stack` share: MNIST-32, ``SECONDS`` of training per model (batch 64,
+    lr 2e-4, EMA 0.995 unless a row says otherwise), 1,000 samples per row against 3,000 real images, seconds per
+    100 images from 5 timed trials."""
+    common["train_defaults"] = {"net": GAN, "batch_size": 16 if quick else 64, "lr": 2e-4, "ema_decay": 0.995}
     if quick:
         return Benchmark(**common, data="mnist5k", resolution=32, data_limit=200, steps=2, eval_every=0,
                          n_samples=6, n_reference=64, sample_batch=6, measure_cost=False, timing_trials=2)
     return Benchmark(**common, data="mnist5k", resolution=32, seconds=SECONDS, eval_every=0, n_samples=1000,
-                     n_reference=3000, sample_batch=100, measure_cost=False, timing_trials=5,
-                     notes=f"Equal wall-clock training per model ({SECONDS:.0f} s, turned into steps by a timing "
-                           "probe); every autoencoder trained once (1,500 steps, seed 0, not counted in any budget) "
-                           "and shared by its rows and seeds. GAN phases unclipped (DDPM rows: the trainer's clip "
-                           "1.0); D/G learning rates 1.25e-4/1.6e-4, Adam (0.5, 0.9). s/100 img: median of 5 timed "
-                           "trials of 100 images (DDPM-1000: of 10 images), decoder included. DDPM-1000 scored on "
-                           "100 samples.")
+                     n_reference=3000, sample_batch=100, measure_cost=False, timing_trials=5, notes=notes)
+
+
+def benchmark(quick: bool = False) -> Benchmark:
+    return equal_time_benchmark(
+        quick, name="lddgan", title="LDDGAN vs pixel DDGAN vs latent and pixel DDPM (MNIST-32, equal training time)",
+        reference_model=REFERENCE, models=models(quick), extra=extra_tables,
+        notes=f"Equal wall-clock training per model ({SECONDS:.0f} s, turned into steps by a timing probe); every "
+              "autoencoder trained once (1,500 steps, seed 0, not counted in any budget) and shared by its rows and "
+              "seeds. GAN phases unclipped (DDPM rows: the trainer's clip 1.0); D/G learning rates 1.25e-4/1.6e-4, "
+              "Adam (0.5, 0.9). s/100 img: median of 5 timed trials of 100 images (DDPM-1000: of 10 images), "
+              "decoder included. DDPM-1000 scored on 100 samples.")
 
 
 def run(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False,

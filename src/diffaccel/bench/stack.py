@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from diffaccel.bench.lddgan import GAN, SECONDS, UNET, latent
+from diffaccel.bench.lddgan import SECONDS, UNET, equal_time_benchmark, latent
 from diffaccel.bench.runner import run_benchmark
 from diffaccel.bench.specs import Benchmark, ModelSpec, SamplerSpec
 from diffaccel.bench.stats import mean_interval
@@ -120,18 +120,13 @@ def extra_tables(bench: Benchmark, results: dict, out_dir: Path) -> dict:
 
 
 def benchmark(quick: bool = False) -> Benchmark:
-    common = dict(name="stack", title="Stacked accelerations vs single methods (MNIST-32, equal training time)",
-                  reference_model="Latent DDPM", models=models(quick), extra=extra_tables,
-                  train_defaults={"net": GAN, "batch_size": 16 if quick else 64, "lr": 2e-4, "ema_decay": 0.995})
-    if quick:
-        return Benchmark(**common, data="mnist5k", resolution=32, data_limit=200, steps=2, eval_every=0,
-                         n_samples=6, n_reference=64, sample_batch=6, measure_cost=False, timing_trials=2)
-    return Benchmark(**common, data="mnist5k", resolution=32, seconds=SECONDS, eval_every=0, n_samples=1000,
-                     n_reference=3000, sample_batch=100, measure_cost=False, timing_trials=5,
-                     notes=f"Equal wall-clock training per model ({SECONDS:.0f} s, turned into steps by a timing "
-                           "probe); the f = 4 autoencoder of `bench lddgan` trained once (1,500 steps, not counted). "
-                           "s/100 img: median of 5 timed trials of 100 images, decoder included; PDS's filter is "
-                           "computed once per model (200 encoded training images), outside the timing.")
+    return equal_time_benchmark(
+        quick, name="stack", title="Stacked accelerations vs single methods (MNIST-32, equal training time)",
+        reference_model="Latent DDPM", models=models(quick), extra=extra_tables,
+        notes=f"Equal wall-clock training per model ({SECONDS:.0f} s, turned into steps by a timing probe); the "
+              "f = 4 autoencoder of `bench lddgan` trained once (1,500 steps, not counted). s/100 img: median of 5 "
+              "timed trials of 100 images, decoder included; PDS's filter is computed once per model (200 encoded "
+              "training images), outside the timing.")
 
 
 def run(out_dir: Path, quick: bool = False, seeds: int = 1, dry_run: bool = False,
