@@ -169,3 +169,23 @@ def test_only_seed_outside_the_seeds_is_refused(tmp_path):
 
     with pytest.raises(UserError, match="--only-seed must be one of"):
         run_benchmark(tiny_benchmark(), tmp_path, seeds=2, progress=False, only_seed=2)
+
+
+def test_a_committed_work_folder_without_weights_resumes_without_retraining(tmp_path):
+    """What git keeps of a work folder (no checkpoints): the rerun trains nothing and reports the same numbers; an
+    evaluation that would need the weights is refused in one line, naming the folder to delete."""
+    import shutil
+
+    from diffaccel.errors import UserError
+
+    bench = tiny_benchmark()
+    bench.models = bench.models[:1]
+    first = run_benchmark(bench, tmp_path / "run", seeds=1, progress=False)
+    copy = tmp_path / "clone"
+    shutil.copytree(tmp_path / "run", copy, ignore=shutil.ignore_patterns("checkpoints", "claims", "*.lock"))
+    again = run_benchmark(bench, copy, seeds=1, progress=False)
+    assert [r["fid[digits]"].mean for r in again["rows"]] == [r["fid[digits]"].mean for r in first["rows"]]
+    assert not any(copy.rglob("checkpoints"))  # nothing was trained again
+    bench.models[0].samplers += (SamplerSpec("DDIM-1", {"sampler": "ddim", "steps": 1}, final_only=True),)
+    with pytest.raises(UserError, match="keeps no weights.*delete"):  # a new final sampler: same training key
+        run_benchmark(bench, copy, seeds=1, progress=False)

@@ -39,6 +39,8 @@ def pretrained_baseline(folder: Path, seed: int, quick: bool) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive(root / "lock"):  # benchmark workers may reach two rows of one seed at once
         done = root / "trained.json"
+        if not any((root / "run" / "checkpoints").glob("step_*")):
+            done.unlink(missing_ok=True)  # a record without its weights (a committed work folder): train again
         if not done.is_file() or json.loads(done.read_text()) != {"steps": half}:
             cfg = _train_config(bench, bench.model(REFERENCE), seed, half, root / "run")
             cfg.eval_every = 0

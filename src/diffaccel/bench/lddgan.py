@@ -43,6 +43,8 @@ def train_autoencoder(out: Path, settings: dict, quick: bool) -> Path:
     steps = QUICK_AE_STEPS if quick else AE_STEPS
     key = {"steps": steps, "settings": settings}
     done, started = out / "trained.json", out / "training.json"
+    if done.is_file() and not any((out / "run" / "checkpoints").glob("step_*")):
+        shutil.rmtree(out)  # a record without its weights (a committed work folder): train it again
     if not done.is_file() or json.loads(done.read_text()) != key:
         if out.exists() and (not started.is_file() or json.loads(started.read_text()) != key):
             shutil.rmtree(out)  # a run of other settings: retrain, never resume it under these
@@ -102,6 +104,10 @@ def reconstruction_rows(bench: Benchmark, out_dir: Path) -> list[dict]:
     rows = []
     for folder in sorted((out_dir / "work" / "setup" / "autoencoder").iterdir()):
         if not (folder / "trained.json").is_file():
+            continue
+        if not any((folder / "run" / "checkpoints").glob("step_*")):
+            rows.append({"autoencoder": folder.name, "images": "weights not in this checkout (committed work folder)",
+                         "PSNR dB": None, "patch D gap": final_logit_gap(folder / "run", "patch_")})
             continue
         method, nets = load_run(folder / "run")
         if method.holdout:  # a reloaded method knows its held-out images only once prepared on its data

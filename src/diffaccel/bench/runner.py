@@ -1,6 +1,10 @@
 """Running a :class:`~diffaccel.bench.specs.Benchmark`: every (model, seed) trained, evaluated and stored as it
 completes, so that rerunning the same command continues where it stopped.
 
+Every record but the weights is small, so a benchmark can be continued in another checkout: commit ``OUT/work``
+(``.gitignore`` leaves out its checkpoints and latent caches) and a rerun skips every finished (model, seed) and
+evaluation; a setup (e.g. an autoencoder) whose weights are missing is trained again from its seed.
+
 Work folder layout (``OUT/work``)::
 
     probe.json                    seconds per step / per sample of every model (dry runs, seconds budgets)
@@ -218,6 +222,9 @@ def evaluate_one(bench: Benchmark, model: ModelSpec, seed: int, run_dir: Path, s
             out[sampler.label] = stored
             continue
         if loaded is None:
+            if not any((run_dir / "checkpoints").glob("step_*")):
+                raise UserError(f"{model.label} seed {seed}: {sampler.label} is to be evaluated, but the run keeps no "
+                                f"weights (committed results keep no checkpoints); delete {folder} to retrain it")
             loaded = load_run(run_dir, _device())
         method, nets = loaded
         net = nets[method.sampling_network]
