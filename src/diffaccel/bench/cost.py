@@ -32,7 +32,7 @@ def _rss_bytes() -> int:
 
 def _measure(job: tuple) -> dict:
     """Worker: a Trainer for the model in a scratch folder, ``warmup`` + ``steps`` timed train steps."""
-    from diffaccel.bench.runner import _method, _train_config
+    from diffaccel.bench.runner import _method, train_config
     from diffaccel.data import load_dataset
     from diffaccel.metrics.timing import synchronize
     from diffaccel.train import Trainer
@@ -42,7 +42,7 @@ def _measure(job: tuple) -> dict:
     dataset = load_dataset(bench.data, bench.resolution, limit=bench.data_limit)
     method, init_from = _method(model, work / "setup" / slug(model.label) / "seed0", 0, quick)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        cfg = _train_config(bench, model, 0, warmup + steps, Path(tmp) / "run", init_from)
+        cfg = train_config(bench, model, 0, warmup + steps, Path(tmp) / "run", init_from)
         cfg.eval_every = 0
         trainer = Trainer(cfg, method, dataset=dataset, progress=False, log=lambda *_: None)
         device = trainer.accelerator.device

@@ -28,7 +28,7 @@ QUICK_NET = {"preset": "tiny", "overrides": {"block_out_channels": [8, 16], "nor
 def pretrained_baseline(folder: Path, seed: int, quick: bool) -> dict:
     """§6.6's starting point, shared by a seed's fine-tuning rows: Baseline-b16 trained with the same settings and
     seed for half the benchmark's steps; the row then trains from its EMA weights for the other half."""
-    from diffaccel.bench.runner import _exclusive, _train_config
+    from diffaccel.bench.runner import exclusive_lock, train_config
     from diffaccel.methods.baseline import Baseline
     from diffaccel.methods.kl import fine_tune_settings
     from diffaccel.train import train
@@ -37,12 +37,12 @@ def pretrained_baseline(folder: Path, seed: int, quick: bool) -> dict:
     half = max(1, bench.steps // 2)
     root = Path(folder).parent.parent / "pretrained-baseline" / f"seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / "lock"):  # benchmark workers may reach two rows of one seed at once
+    with exclusive_lock(root / "lock"):  # benchmark workers may reach two rows of one seed at once
         done = root / "trained.json"
         if not any((root / "run" / "checkpoints").glob("step_*")):
             done.unlink(missing_ok=True)  # a record without its weights (a committed work folder): train again
         if not done.is_file() or json.loads(done.read_text()) != {"steps": half}:
-            cfg = _train_config(bench, bench.model(REFERENCE), seed, half, root / "run")
+            cfg = train_config(bench, bench.model(REFERENCE), seed, half, root / "run")
             cfg.eval_every = 0
             train(cfg, Baseline(N=1000), resume=(root / "run" / "config.yaml").is_file(), progress=False,
                   log=lambda *_: None)

@@ -117,8 +117,10 @@ def floors(bench: Benchmark, split: RealSplit, seeds: int, work: Path) -> dict:
 
 
 # --- training --------------------------------------------------------------------------------------------------
-def _train_config(bench: Benchmark, model: ModelSpec, seed: int, steps: int, out: Path,
-                  init_from: str | None = None):
+def train_config(bench: Benchmark, model: ModelSpec, seed: int, steps: int, out: Path,
+                 init_from: str | None = None):
+    """The TrainConfig of (model, seed) in this benchmark: its data, the benchmark's defaults and the row's own
+    settings; also what a setup uses to pretrain a row's starting point."""
     from diffaccel.train import TrainConfig
 
     fields = {"data": bench.data, "resolution": bench.resolution, "data_limit": bench.data_limit,
@@ -192,7 +194,7 @@ def train_one(bench: Benchmark, model: ModelSpec, seed: int, steps: int, split: 
     if (folder / "trained.json").is_file():
         return run_dir
     method, init_from = _method(model, work / "setup" / slug(model.label) / f"seed{seed}", seed, quick)
-    cfg = _train_config(bench, model, seed, steps, run_dir, init_from)
+    cfg = train_config(bench, model, seed, steps, run_dir, init_from)
     sampler = curve_sampler(model)
     callback = _CurveEvaluator(bench, split, sampler, steps, seed, dataset.shape) if sampler and cfg.eval_every \
         else None
@@ -295,7 +297,7 @@ def probe(bench: Benchmark, dataset, work: Path, quick: bool, models: list[Model
             continue
         method, init_from = _method(model, work / "setup" / slug(model.label) / "seed0", 0, quick)
         with tempfile.TemporaryDirectory(dir=work) as tmp:
-            cfg = _train_config(bench, model, 0, PROBE_STEPS, Path(tmp) / "run", init_from)
+            cfg = train_config(bench, model, 0, PROBE_STEPS, Path(tmp) / "run", init_from)
             cfg.eval_every = 0
             cfg.log_every = 1
             t0 = time.perf_counter()
@@ -374,7 +376,7 @@ def dry_run(bench: Benchmark, seeds: int, dataset, work: Path, quick: bool) -> d
 
 
 @contextlib.contextmanager
-def _exclusive(path: Path):
+def exclusive_lock(path: Path):
     """Hold an exclusive lock on ``path`` (workers sharing a work folder set it up one at a time)."""
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -423,7 +425,7 @@ def run_benchmark(bench: Benchmark, out_dir: str | Path, seeds: int = 1, dry_run
         return dry_run(bench, seeds, dataset, work, quick)
     started = time.time()
     split = RealSplit(dataset.images, bench.n_reference)
-    with _exclusive(work / "setup.lock"):
+    with exclusive_lock(work / "setup.lock"):
         probed = probe(bench, dataset, work, quick, run_setup=True) if bench.seconds is not None else None
         floor = floors(bench, split, seeds, work)
     results = {}
@@ -452,7 +454,7 @@ def run_benchmark(bench: Benchmark, out_dir: str | Path, seeds: int = 1, dry_run
 
         costs = measure_costs(bench, work, quick)
     summary = summarize(bench, results, floor, seeds, costs)
-    with _exclusive(work / "setup.lock"):  # workers finishing together write one after the other
+    with exclusive_lock(work / "setup.lock"):  # workers finishing together write one after the other
         if bench.extra is not None:
             summary["extra"] = bench.extra(bench, results, out_dir)
         write_outputs(bench, summary, out_dir, work, started, quick)
