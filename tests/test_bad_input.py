@@ -340,7 +340,7 @@ TRAIN = ["train", "--data", "digits", "--data-limit", "16", "--preset", "tiny", 
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--method", "kl", "--autoencoder", "AE"], "--autoencoder is not used by method 'kl'"),
+    (["--method", "ddgan", "--autoencoder", "AE"], "--autoencoder is not used by method 'ddgan'"),
     (["--method", "baseline", "--kl-terms", "3"], "--kl-terms is not used by method 'baseline'"),
     (["--method", "subspace", "--lambda-at-turn", "0.1"], "--lambda-at-turn is not used by method 'subspace'"),
     (["--method", "dvdp", "--subspace-jump", "noise"], "--subspace-jump is not used by method 'dvdp'"),
