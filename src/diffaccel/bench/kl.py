@@ -18,6 +18,7 @@ from pathlib import Path
 
 from diffaccel.bench.runner import run_benchmark
 from diffaccel.bench.specs import Benchmark, ModelSpec, SamplerSpec
+from diffaccel.checkpoint import list_checkpoints
 
 REFERENCE = "Baseline-b16"
 NET = {"preset": "small", "overrides": {"time_embedding_width": 128}}  # the paper's networks: 128 sinusoids
@@ -39,7 +40,7 @@ def pretrained_baseline(folder: Path, seed: int, quick: bool) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(root / "lock"):  # benchmark workers may reach two rows of one seed at once
         done = root / "trained.json"
-        if not any((root / "run" / "checkpoints").glob("step_*")):
+        if not list_checkpoints(root / "run" / "checkpoints"):
             done.unlink(missing_ok=True)  # a record without its weights (a committed work folder): train again
         if not done.is_file() or json.loads(done.read_text()) != {"steps": half}:
             cfg = train_config(bench, bench.model(REFERENCE), seed, half, root / "run")

@@ -23,6 +23,7 @@ import torch
 
 from diffaccel.bench.runner import run_benchmark
 from diffaccel.bench.specs import Benchmark, ModelSpec, SamplerSpec, slug
+from diffaccel.checkpoint import list_checkpoints
 
 REFERENCE = "LDDGAN adv+rec+WL"
 AE_COMMON = {"perceptual_weight": 0.0, "adv_weight": 0.1, "disc_start": 0.5, "l2_weight": 1.0}
@@ -43,7 +44,7 @@ def train_autoencoder(out: Path, settings: dict, quick: bool) -> Path:
     steps = QUICK_AE_STEPS if quick else AE_STEPS
     key = {"steps": steps, "settings": settings}
     done, started = out / "trained.json", out / "training.json"
-    if done.is_file() and not any((out / "run" / "checkpoints").glob("step_*")):
+    if done.is_file() and not list_checkpoints(out / "run" / "checkpoints"):
         shutil.rmtree(out)  # a record without its weights (a committed work folder): train it again
     if not done.is_file() or json.loads(done.read_text()) != key:
         if out.exists() and (not started.is_file() or json.loads(started.read_text()) != key):
@@ -105,7 +106,7 @@ def reconstruction_rows(bench: Benchmark, out_dir: Path) -> list[dict]:
     for folder in sorted((out_dir / "work" / "setup" / "autoencoder").iterdir()):
         if not (folder / "trained.json").is_file():
             continue
-        if not any((folder / "run" / "checkpoints").glob("step_*")):
+        if not list_checkpoints(folder / "run" / "checkpoints"):
             rows.append({"autoencoder": folder.name, "images": "weights not in this checkout (committed work folder)",
                          "PSNR dB": None, "patch D gap": final_logit_gap(folder / "run", "patch_")})
             continue

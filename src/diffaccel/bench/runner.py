@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from diffaccel.bench.specs import Benchmark, ModelSpec, SamplerSpec, eval_key, slug, train_key, train_settings
+from diffaccel.checkpoint import list_checkpoints
 from diffaccel.errors import UserError
 
 PROBE_STEPS = 3
@@ -224,7 +225,7 @@ def evaluate_one(bench: Benchmark, model: ModelSpec, seed: int, run_dir: Path, s
             out[sampler.label] = stored
             continue
         if loaded is None:
-            if not any((run_dir / "checkpoints").glob("step_*")):
+            if not list_checkpoints(run_dir / "checkpoints"):
                 raise UserError(f"{model.label} seed {seed}: {sampler.label} is to be evaluated, but the run keeps no "
                                 f"weights (committed results keep no checkpoints); delete {folder} to retrain it")
             loaded = load_run(run_dir, _device())
