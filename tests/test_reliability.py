@@ -32,7 +32,7 @@ from diffaccel.data import IMAGE_SUFFIXES, load_dataset
 from diffaccel.errors import UserError
 from diffaccel.methods.base import Method, Phase
 from diffaccel.methods.baseline import Baseline
-from diffaccel.runs import load_run, read_metrics
+from diffaccel.runs import load_run, read_config, read_metrics
 from diffaccel.train import TrainConfig, Trainer, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -130,6 +130,43 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted_run(tmp_path,
     assert [r["step"] for r in read_metrics(crash_out) if "loss" in r] == list(range(1, steps + 1))
     final = f"step_{steps:07d}"
     assert_same_checkpoint(crash_out / "checkpoints" / final, ref_out / "checkpoints" / final)
+
+
+def test_a_killed_subspace_run_resumes_with_a_freshly_built_method(tmp_path, monkeypatch):
+    """The fitted jump's detail variance is fitted when training starts and saved in the config; resuming with a
+    method built afresh (as a benchmark or a library user does) adopts it instead of refusing the run or refitting,
+    and ends bitwise where the uninterrupted run does."""
+    from diffaccel.methods.dvdp import SubspaceDiffusion
+
+    def method():
+        return SubspaceDiffusion(turning_points=(25,), T=50, jump="fitted")
+
+    cfg = dict(resolution=16, steps=4, checkpoint_every=2, sample_every=0)
+    ref, crashed = tmp_path / "reference", tmp_path / "crashed"
+    train(tiny_cfg(ref, **cfg), method(), progress=False, log=quiet)
+    train(tiny_cfg(crashed, **cfg), method(), progress=False, log=quiet)
+    shutil.rmtree(crashed / "checkpoints" / "step_0000004")  # a kill after the step-2 checkpoint
+    saved = read_config(crashed, rebuild=False)["method_config"]["detail_variance"]
+
+    def refit(*_a, **_kw):
+        raise AssertionError("a resumed run must keep the detail variance it was trained with")
+
+    monkeypatch.setattr(SubspaceDiffusion, "fit_detail_variance", refit)
+    fresh = method()
+    train(tiny_cfg(crashed, **cfg), fresh, resume=True, progress=False, log=quiet)
+    assert list(fresh.detail_variance) == saved
+    assert losses(crashed) == losses(ref)
+    assert_same_checkpoint(crashed / "checkpoints" / "step_0000004", ref / "checkpoints" / "step_0000004")
+
+
+def test_resuming_a_fitted_subspace_run_with_a_noise_jump_is_refused(tmp_path):
+    from diffaccel.methods.dvdp import SubspaceDiffusion
+
+    cfg = tiny_cfg(tmp_path / "run", resolution=16, steps=2, checkpoint_every=2, sample_every=0)
+    train(cfg, SubspaceDiffusion(turning_points=(25,), T=50, jump="fitted"), progress=False, log=quiet)
+    with pytest.raises(UserError, match="method settings"):
+        train(cfg, SubspaceDiffusion(turning_points=(25,), T=50, jump="noise"), resume=True, progress=False,
+              log=quiet)
 
 
 # --- 2. atomic, verified checkpoints ----------------------------------------------------------------------------

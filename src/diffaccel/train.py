@@ -270,6 +270,10 @@ class Trainer:
         saved = read_config(self.run_dir, rebuild=False)  # the method compared here may be a library user's own
         if saved["method"] != self.method.name:
             raise UserError(f"{self.run_dir} was trained with method {saved['method']!r}, not {self.method.name!r}")
+        saved_cfg, current = saved.get("method_config") or {}, self.method.config()
+        fitted = {k: saved_cfg[k] for k in self.method.fitted_settings if k in saved_cfg and k not in current}
+        if fitted:  # fitted from the data when the run started: the run continues with the values it was trained on
+            self.method.adopt_fitted(fitted)
         if saved.get("method_config") != self.method.config():
             raise UserError(f"{self.run_dir} was trained with method settings {saved.get('method_config')}, "
                             f"not {self.method.config()}; resume with the same settings")

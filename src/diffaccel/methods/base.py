@@ -77,6 +77,13 @@ class Method:
 
         raise UserError(f"method {self.name!r} does not support --init-from")
 
+    #: ``config()`` entries fitted to the training data when training starts rather than chosen by the user (e.g.
+    #: the subspace jump's detail variance): resuming with a freshly built method adopts the saved values
+    fitted_settings: tuple[str, ...] = ()
+
+    def adopt_fitted(self, saved: dict) -> None:
+        """Take the ``fitted_settings`` of the run being resumed, so they are kept rather than fitted again."""
+
     def on_train_start(self, total_steps: int) -> None:
         """Called by the trainer before the first step (e.g. Weighted Learning needs the run's length)."""
 

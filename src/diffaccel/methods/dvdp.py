@@ -545,6 +545,7 @@ class SubspaceDiffusion(DVDP):
     default_step_allocation = "uniform"
     JUMPS = ("fitted", "noise")
     NETWORKS = ("shared", "per-stage")
+    fitted_settings = ("detail_variance",)
 
     def __init__(self, turning_points: Sequence[int] = (600,), T: int = 1000, jump: str = "noise",
                  detail_variance: Sequence[float] | None = None, networks: str = "shared",
@@ -614,6 +615,10 @@ class SubspaceDiffusion(DVDP):
             images = dataset.images[: 10_000]             # plenty for one variance per turning point
             self.fit_detail_variance(dataset.to_model_space(images))
         return dataset
+
+    def adopt_fitted(self, saved: dict) -> None:
+        if self.jump_kind == "fitted" and "detail_variance" in saved:  # a noise jump stays a mismatch to report
+            self.detail_variance = self._checked_variance(saved["detail_variance"])
 
     def fit_detail_variance(self, x0: torch.Tensor) -> tuple[float, ...]:
         """Per turning point T_{i+1}: the data's variance per dimension in the detail subspace dropped there.
