@@ -160,6 +160,37 @@ def test_loss_is_zero_for_the_exact_epsilon_of_a_point_mass():
     assert loss < 1e-9 and sorted(seen) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("batch, counts", [(32, [10, 9, 13]), (7, [2, 2, 3])])
+def test_stratified_training_times_have_the_uniform_t_expectation(batch, counts):
+    """Stage k gets n_k = its share of the batch (largest remainders), t uniform within it, weight p_k/n_k: the
+    weighted batch sum of any f(t) is an unbiased estimate of the mean of f over t = 1..T. Monte Carlo over 4,000
+    batches, tolerance 4 standard errors; shapes fixed from batch to batch."""
+    m = DVDP((300, 600))
+    torch.manual_seed(0)
+    draws = [m.training_times(batch) for _ in range(4000)]
+    for t, w in draws[:5]:  # shares 0.3, 0.3, 0.4 of the batch
+        assert float(w.sum()) == pytest.approx(1.0)
+        assert torch.allclose(w, torch.tensor([0.3 / counts[0]] * counts[0] + [0.3 / counts[1]] * counts[1]
+                                              + [0.4 / counts[2]] * counts[2]))
+    assert all([int((m.stage(t) == k).sum()) for k in range(3)] == counts for t, _ in draws)
+    assert all(t.min() >= 1 and t.max() <= 1000 for t, _ in draws)
+
+    def f(t):
+        return (t.double() / 1000) ** 3 + (t > 600).double()  # uneven across and within the stages
+
+    est = torch.stack([(w.double() * f(t)).sum() for t, w in draws])
+    exact = f(torch.arange(1, 1001)).mean()
+    assert abs(est.mean() - exact) < 4 * est.std() / math.sqrt(len(est))
+    naive = torch.stack([f(torch.randint(1, 1001, (batch,))).mean() for _ in range(4000)])
+    assert est.std() < naive.std()  # stratification lowers the variance
+
+
+def test_batches_smaller_than_the_stage_count_fall_back_to_uniform_t():
+    m = DVDP((300, 600))
+    t, w = m.training_times(2)
+    assert t.shape == (2,) and torch.equal(w, torch.full((2,), 0.5))
+
+
 @pytest.mark.parametrize("t", [150, 450, 800])
 def test_clipped_epsilon_keeps_in_range_x0_and_clips_the_rest(t):
     """clip_x0 for DVDP: with the true ε of an in-range x0 the clipped ε is ε itself; for an image outside the data

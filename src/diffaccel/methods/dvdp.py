@@ -112,6 +112,25 @@ def _add_once(group: argparse._ArgumentGroup, flag: str, **kwargs) -> None:
         group.add_argument(flag, **kwargs)
 
 
+def allocate(total: int, weights: Sequence[float], caps: Sequence[int] | None = None) -> list[int]:
+    """``total`` split in proportion to ``weights`` by largest remainders, every part at least 1 and at most its cap
+    (``caps``, default ``total``); needs len(weights) <= total <= sum(caps)."""
+    caps = list(caps) if caps is not None else [total] * len(weights)
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [min(c, max(1, int(e))) for e, c in zip(exact, caps)]
+    order = sorted(range(len(exact)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    i = 0
+    while sum(counts) < total:
+        j = order[i % len(order)]
+        if counts[j] < caps[j]:
+            counts[j] += 1
+        i += 1
+    while sum(counts) > total:  # only when the max(1, ·) floors pushed the total over
+        j = max(range(len(counts)), key=lambda m: counts[m])
+        counts[j] -= 1
+    return counts
+
+
 class DVDP(LatentSpace, Method):
     """Dimensionality-varying diffusion with orthogonal attenuation; one fully convolutional network for all stages.
 
@@ -260,12 +279,12 @@ class DVDP(LatentSpace, Method):
         return apply_per_subspace(x0k, k, lam) + apply_per_subspace(noise, k, sig)
 
     def loss(self, net: nn.Module, x0: torch.Tensor) -> torch.Tensor:
-        """Eq. 12. t ~ U{1..T} per image (so stage k is drawn with probability (T_{k+1} − T_k)/T); the batch is split
-        by stage and each group goes through the network once at its own resolution. Each image's loss is the
-        mean squared error over its own pixels, averaged over the batch."""
+        """Eq. 12 under t ~ U{1..T}, stratified by stage (``training_times``); each stage's group goes through the
+        network once at its own resolution. Each image's loss is the mean squared error over its own pixels, and
+        the batch loss their weighted sum."""
         self.check_image_size(x0.shape[-2], x0.shape[-1])
         B = x0.shape[0]
-        t = torch.randint(1, self.T + 1, (B,), device=x0.device)
+        t, weight = self.training_times(B, x0.device, x0.dtype)
         stages = self.stage(t)
         per_image = torch.empty(B, device=x0.device, dtype=x0.dtype)
         for k in stages.unique().tolist():
@@ -275,7 +294,28 @@ class DVDP(LatentSpace, Method):
             xt = self.q_sample(x0[idx], t[idx], noise)
             err = (net(xt, t[idx].to(x0.dtype)) - noise) ** 2
             per_image = per_image.index_put((idx,), err.flatten(1).mean(1))
-        return per_image.mean()
+        return (per_image * weight).sum()
+
+    def training_times(self, batch: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """t per image of a training batch and its weight in the batch loss, stratified by stage.
+
+        Stage k gets its share p_k = (T_{k+1} − T_k)/T of the batch (largest remainders, at least one image), t is
+        uniform within the stage and each image weighs p_k/n_k: the loss's expectation is eq. 12's under
+        t ~ U{1..T}, with less variance. The fixed group sizes also keep the network's input shapes the same from
+        step to step; on the CPU, group sizes drawn afresh each step made a MNIST-32 step (mini UNet, batch 32)
+        about 35 % slower than the same two calls at fixed sizes. Batches smaller than the number of stages draw
+        t ~ U{1..T} per image with weight 1/B.
+        """
+        if batch < self.K + 1:
+            return (torch.randint(1, self.T + 1, (batch,), device=device),
+                    torch.full((batch,), 1.0 / batch, device=device, dtype=dtype))
+        lengths = [b - a for a, b in zip(self._bounds[:-1], self._bounds[1:])]
+        counts = allocate(batch, lengths)
+        t = torch.cat([torch.randint(lo + 1, hi + 1, (n,), device=device)
+                       for lo, hi, n in zip(self._bounds[:-1], self._bounds[1:], counts)])
+        weight = torch.cat([torch.full((n,), length / self.T / n, device=device, dtype=dtype)
+                            for length, n in zip(lengths, counts)])
+        return t, weight
 
     # --- reverse process ---------------------------------------------------------------------------------------
     def log_snr(self, subspace: int, t: torch.Tensor) -> torch.Tensor:
@@ -311,18 +351,7 @@ class DVDP(LatentSpace, Method):
                         - self.log_snr(k, torch.tensor(self._bounds[k + 1]))).item() for k in range(self.K + 1)]
         else:
             raise UserError(f"unknown step allocation {step_allocation!r}; choose uniform or log-snr")
-        exact = [steps * w / sum(weights) for w in weights]
-        counts = [min(n, max(1, int(e))) for e, n in zip(exact, lengths)]
-        order = sorted(range(len(exact)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
-        i = 0
-        while sum(counts) < steps:
-            if counts[order[i % len(order)]] < lengths[order[i % len(order)]]:
-                counts[order[i % len(order)]] += 1
-            i += 1
-        while sum(counts) > steps:  # only when the max(1, ·) floors pushed the total over
-            j = max(range(len(counts)), key=lambda m: counts[m])
-            counts[j] -= 1
-        return counts
+        return allocate(steps, weights, caps=lengths)
 
     def _log_snr_times(self, k: int, n: int) -> list[int]:
         """n + 1 descending integer times from T_{k+1} to T_k, even in the log-SNR of subspace k (distinct)."""
