@@ -4,8 +4,8 @@ Baseline-b16 (N = 1000), Baseline-b128 (the batch KL-1st pays for), KL-8d-b16 (1
 KL-8d4-b16 (partial, plain and normalised by M'·H_N) and the ablations that isolate KL's mechanism:
 the baseline on KL's N = 20 grid, the baseline with KL's noise variance v(t) = Σ phi_m²/t, and KL-1st with a
 learned embedding of m added to the time embedding of k. Same UNet (``NET``: 128 sinusoids in its time
-embedding, as the paper's networks), data (mnist5k at ``RESOLUTION``), optimiser and steps; DDIM(S = 20, η = 1, x0 clipped) samples scored every
-``eval_every`` steps. Reported per model (mean ± 95 % interval over ``--seeds``): the curve of FID[digits]
+embedding, as the paper's networks), data (mnist5k at ``RESOLUTION``), optimiser and steps; DDIM(S = 20, η = 1,
+x0 clipped) samples scored every ``eval_every`` steps. Reported per model (mean ± 95 % interval over ``--seeds``): the curve of FID[digits]
 and legible rate against steps, training seconds and images processed, the final scores, the first step
 at which a model reaches Baseline-b16's best FID (only once Baseline-b16's curve has flattened), seconds per
 step and peak training memory.

@@ -39,6 +39,9 @@ class Method:
     name: str = "method"
     ema_networks: tuple[str, ...] = ("net",)
     sampling_network: str = "net"
+    #: ``config()`` entries fitted to the training data when training starts rather than chosen by the user (e.g.
+    #: the subspace jump's detail variance): resuming with a freshly built method adopts the saved values
+    fitted_settings: tuple[str, ...] = ()
 
     # --- configuration -------------------------------------------------------------------------------------
     def config(self) -> dict:
@@ -76,10 +79,6 @@ class Method:
         from diffaccel.errors import UserError
 
         raise UserError(f"method {self.name!r} does not support --init-from")
-
-    #: ``config()`` entries fitted to the training data when training starts rather than chosen by the user (e.g.
-    #: the subspace jump's detail variance): resuming with a freshly built method adopts the saved values
-    fitted_settings: tuple[str, ...] = ()
 
     def adopt_fitted(self, saved: dict) -> None:
         """Take the ``fitted_settings`` of the run being resumed, so they are kept rather than fitted again."""
