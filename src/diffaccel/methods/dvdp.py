@@ -163,6 +163,7 @@ class DVDP(LatentSpace, Method):
         self.K = len(tps)
         self.lam, self.sig = attenuation_schedule(tps, T, lambda_at_turn, equal=self.equal_schedules)
         self._bounds = (0, *tps, T)  # stage k is (bounds[k], bounds[k+1]]
+        self._lengths = tuple(b - a for a, b in zip(self._bounds[:-1], self._bounds[1:]))  # time steps per stage
 
     # --- configuration -----------------------------------------------------------------------------------------
     def config(self) -> dict:
@@ -309,7 +310,7 @@ class DVDP(LatentSpace, Method):
         if batch < self.K + 1:
             return (torch.randint(1, self.T + 1, (batch,), device=device),
                     torch.full((batch,), 1.0 / batch, device=device, dtype=dtype))
-        lengths = [b - a for a, b in zip(self._bounds[:-1], self._bounds[1:])]
+        lengths = self._lengths
         counts = allocate(batch, lengths)
         t = torch.cat([torch.randint(lo + 1, hi + 1, (n,), device=device)
                        for lo, hi, n in zip(self._bounds[:-1], self._bounds[1:], counts)])
@@ -331,7 +332,7 @@ class DVDP(LatentSpace, Method):
         log-SNR across the whole trajectory. ``stage_steps`` gives the counts explicitly (and overrides both).
         Largest remainders, each stage at least one step and at most its length.
         """
-        lengths = [b - a for a, b in zip(self._bounds[:-1], self._bounds[1:])]
+        lengths = self._lengths
         step_allocation = step_allocation or self.default_step_allocation
         if stage_steps is not None:
             counts = [int(c) for c in stage_steps]
@@ -376,7 +377,7 @@ class DVDP(LatentSpace, Method):
         turning point is on the grid; ``uniform`` spaces each stage's steps evenly in t, ``log-snr`` evenly in the
         log-SNR of the stage's finest alive subspace (``stage_steps`` alone keeps the uniform spacing).
         """
-        lengths = [b - a for a, b in zip(self._bounds[:-1], self._bounds[1:])]
+        lengths = self._lengths
         step_allocation = step_allocation or self.default_step_allocation
         if sampler == "ddpm":
             counts = lengths
