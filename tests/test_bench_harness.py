@@ -172,11 +172,8 @@ def test_only_seed_outside_the_seeds_is_refused(tmp_path):
 
 
 def test_a_committed_work_folder_without_weights_resumes_without_retraining(tmp_path):
-    """What git keeps of a work folder (no checkpoints): the rerun trains nothing and reports the same numbers; an
-    evaluation that would need the weights is refused in one line, naming the folder to delete."""
+    """What git keeps of a work folder (no checkpoints): the rerun trains nothing and reports the same numbers."""
     import shutil
-
-    from diffaccel.errors import UserError
 
     bench = tiny_benchmark()
     bench.models = bench.models[:1]
@@ -186,6 +183,52 @@ def test_a_committed_work_folder_without_weights_resumes_without_retraining(tmp_
     again = run_benchmark(bench, copy, seeds=1, progress=False)
     assert [r["fid[digits]"].mean for r in again["rows"]] == [r["fid[digits]"].mean for r in first["rows"]]
     assert not any(copy.rglob("checkpoints"))  # nothing was trained again
+
+
+def _clone_without_weights(bench, tmp_path):
+    import shutil
+
+    first = run_benchmark(bench, tmp_path / "run", seeds=1, progress=False)
+    copy = tmp_path / "clone"
+    shutil.copytree(tmp_path / "run", copy, ignore=shutil.ignore_patterns("checkpoints", "claims", "*.lock"))
+    evals = sorted((copy / "work").rglob("evals/*.json"))
+    assert evals
+    return first, copy, evals
+
+
+def test_evaluations_left_without_weights_retrain_and_keep_records_the_new_run_replays(tmp_path):
+    """A new final sampler on a record without weights: the network is trained again from its seed; the new run
+    replays the recorded loss trace, so the stored evaluations are kept (not recomputed) and only the new one runs."""
+    bench = tiny_benchmark()
+    bench.models = bench.models[:1]
+    first, copy, evals = _clone_without_weights(bench, tmp_path)
+    stamps = [p.stat().st_mtime_ns for p in evals]
     bench.models[0].samplers += (SamplerSpec("DDIM-1", {"sampler": "ddim", "steps": 1}, final_only=True),)
-    with pytest.raises(UserError, match="keeps no weights.*delete"):  # a new final sampler: same training key
-        run_benchmark(bench, copy, seeds=1, progress=False)
+    again = run_benchmark(bench, copy, seeds=1, progress=False)
+    assert any(copy.rglob("checkpoints"))  # trained again
+    assert [p.stat().st_mtime_ns for p in evals] == stamps  # the stored evaluations were kept
+    old = {r["sampler"]: r["fid[digits]"].mean for r in first["rows"]}
+    new = {r["sampler"]: r["fid[digits]"].mean for r in again["rows"]}
+    assert set(new) == set(old) | {"DDIM-1"}
+    assert {k: new[k] for k in old} == old
+
+
+def test_a_retrained_network_that_differs_discards_the_stored_evaluations(tmp_path):
+    """If the new run does not replay the recorded loss trace (here the record is altered), every evaluation of
+    that seed is computed again from the new network, so no row mixes two networks."""
+    import json
+
+    bench = tiny_benchmark()
+    bench.models = bench.models[:1]
+    _, copy, evals = _clone_without_weights(bench, tmp_path)
+    stamps = [p.stat().st_mtime_ns for p in evals]
+    metrics = next((copy / "work").rglob("run/metrics.jsonl"))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for r in records:
+        if "loss" in r:
+            r["loss"] += 1.0
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    bench.models[0].samplers += (SamplerSpec("DDIM-1", {"sampler": "ddim", "steps": 1}, final_only=True),)
+    run_benchmark(bench, copy, seeds=1, progress=False)
+    assert all(p.is_file() for p in evals)
+    assert all(p.stat().st_mtime_ns != t for p, t in zip(evals, stamps))  # all recomputed

@@ -3,7 +3,9 @@ completes, so that rerunning the same command continues where it stopped.
 
 Every record but the weights is small, so a benchmark can be continued in another checkout: commit ``OUT/work``
 (``.gitignore`` leaves out its checkpoints and latent caches) and a rerun skips every finished (model, seed) and
-evaluation; a setup (e.g. an autoencoder) whose weights are missing is trained again from its seed.
+evaluation; a setup (e.g. an autoencoder) whose weights are missing is trained again from its seed, and so is a
+trained network with evaluations still to do — its stored evaluations are kept when the new run replays the
+recorded loss trace exactly (the same network), and discarded otherwise.
 
 Work folder layout (``OUT/work``)::
 
@@ -192,8 +194,16 @@ def train_one(bench: Benchmark, model: ModelSpec, seed: int, steps: int, split: 
     (folder / "train_settings.json").write_text(json.dumps(train_settings(bench, model, seed, steps), indent=1,
                                                            default=str))
     run_dir = folder / "run"
+    recorded_losses = None
     if (folder / "trained.json").is_file():
-        return run_dir
+        if list_checkpoints(run_dir / "checkpoints") or not pending_evaluations(bench, model, folder):
+            return run_dir
+        # A committed record keeps no weights: train the network again from its seed, and keep the stored
+        # evaluations only if the new run replays the recorded loss trace (the same network, bit for bit).
+        _log(f"{model.label} seed {seed}: evaluations left but no weights; training again from seed {seed}")
+        recorded_losses = _losses(run_dir)
+        shutil.rmtree(run_dir)
+        (folder / "trained.json").unlink()
     method, init_from = _method(model, work / "setup" / slug(model.label) / f"seed{seed}", seed, quick)
     cfg = train_config(bench, model, seed, steps, run_dir, init_from)
     sampler = curve_sampler(model)
@@ -204,8 +214,25 @@ def train_one(bench: Benchmark, model: ModelSpec, seed: int, steps: int, split: 
     t0 = time.perf_counter()
     train(cfg, method, resume=resume, callback=callback, dataset=dataset, progress=progress,
           log=lambda *_: None)
+    if recorded_losses is not None and _losses(run_dir) != recorded_losses:
+        _log(f"{model.label} seed {seed}: the new run does not replay the recorded loss trace; "
+             f"its stored evaluations are discarded")
+        shutil.rmtree(folder / "evals", ignore_errors=True)
     _write_json(folder / "trained.json", {"steps": steps, "wall_seconds_last_session": time.perf_counter() - t0})
     return run_dir
+
+
+def _losses(run_dir: Path) -> list[float]:
+    from diffaccel.runs import read_metrics
+
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def pending_evaluations(bench: Benchmark, model: ModelSpec, folder: Path) -> list[SamplerSpec]:
+    """The samplers of (model, seed) in ``folder`` without a stored evaluation under their current settings."""
+    return [s for s in model.samplers
+            if (_read_json(folder / "evals" / f"{slug(s.label)}.json") or {}).get("eval_key")
+            != eval_key(bench, s, s.n or bench.n_samples)]
 
 
 def evaluate_one(bench: Benchmark, model: ModelSpec, seed: int, run_dir: Path, split: RealSplit) -> dict:
@@ -339,9 +366,7 @@ def _status(bench: Benchmark, model: ModelSpec, seed: int, steps: int, work: Pat
     if not (folder / "trained.json").is_file():
         done = training_curve(folder / "run")["last_step"]
         return f"resumes at ~{done}", done
-    evals = [s for s in model.samplers
-             if (_read_json(folder / "evals" / f"{slug(s.label)}.json") or {}).get("eval_key")
-             != eval_key(bench, s, s.n or bench.n_samples)]
+    evals = pending_evaluations(bench, model, folder)
     return ("done" if not evals else f"trained, {len(evals)} evaluation(s) to do"), steps
 
 
