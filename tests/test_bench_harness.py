@@ -204,6 +204,8 @@ def test_evaluations_left_without_weights_retrain_and_keep_records_the_new_run_r
     first, copy, evals = _clone_without_weights(bench, tmp_path)
     stamps = [p.stat().st_mtime_ns for p in evals]
     bench.models[0].samplers += (SamplerSpec("DDIM-1", {"sampler": "ddim", "steps": 1}, final_only=True),)
+    plan = run_benchmark(bench, copy, seeds=1, dry_run_only=True, progress=False)["plan"]
+    assert [r["status"] for r in plan] == ["trained, no weights (trains again), 1 evaluation(s) to do"]
     again = run_benchmark(bench, copy, seeds=1, progress=False)
     assert any(copy.rglob("checkpoints"))  # trained again
     assert [p.stat().st_mtime_ns for p in evals] == stamps  # the stored evaluations were kept

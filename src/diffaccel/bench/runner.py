@@ -367,7 +367,11 @@ def _status(bench: Benchmark, model: ModelSpec, seed: int, steps: int, work: Pat
         done = training_curve(folder / "run")["last_step"]
         return f"resumes at ~{done}", done
     evals = pending_evaluations(bench, model, folder)
-    return ("done" if not evals else f"trained, {len(evals)} evaluation(s) to do"), steps
+    if not evals:
+        return "done", steps
+    if not list_checkpoints(folder / "run" / "checkpoints"):
+        return f"trained, no weights (trains again), {len(evals)} evaluation(s) to do", 0
+    return f"trained, {len(evals)} evaluation(s) to do", steps
 
 
 def dry_run(bench: Benchmark, seeds: int, dataset, work: Path, quick: bool) -> dict:
@@ -384,8 +388,10 @@ def dry_run(bench: Benchmark, seeds: int, dataset, work: Path, quick: bool) -> d
             sec_step = p.get("sec_per_step", math.nan)
             evals = (steps // bench.eval_every - (steps % bench.eval_every == 0)) if bench.eval_every and steps else 0
             curve = curve_sampler(model)
+            folder = work / slug(model.label) / f"seed{seed}"
+            todo = pending_evaluations(bench, model, folder) if status.startswith("trained") else model.samplers
             sample_s = sum((p.get("sec_per_sample") or {}).get(s.label, math.nan) * (s.n or bench.n_samples)
-                           for s in model.samplers)
+                           for s in todo)
             curve_s = evals * (p.get("sec_per_sample") or {}).get(curve.label, math.nan) * bench.n_samples \
                 if curve else 0.0
             remaining = 0.0 if status == "done" else (max(0, (steps or 0) - done) * sec_step + curve_s + sample_s)
