@@ -200,6 +200,7 @@ def sigma_ratio(sigma_min: float, sigma_max: float, steps: int) -> float:
 def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
     """Best snr / alpha of the sweeps (mean primary metric over seeds) and each PC row's sigma ratio."""
     from diffaccel.bench.specs import slug
+    from diffaccel.checkpoint import list_checkpoints
     from diffaccel.runs import read_config
 
     metric = bench.primary
@@ -224,8 +225,13 @@ def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
         out["sigma_ratio"] = {s.label: sigma_ratio(sigma_min, sigma_max, s.options["steps"])
                               for s in bench.model(VE_REFERENCE).samplers}
         out["exact_score"] = exact_score_rows(bench, sigma_min, sigma_max, out_dir / "work" / "exact")
-    if found:
-        out["pds_cost"] = pds_overhead(bench, found.parent)
+    # the cost needs weights: any seed's run that still has them (a committed record keeps none)
+    weighted = next((c.parent for c in sorted((out_dir / "work").glob(f"{slug(VE_REFERENCE)}/seed*/run/config.yaml"))
+                     if list_checkpoints(c.parent / "checkpoints")), None)
+    if weighted:
+        out["pds_cost"] = pds_overhead(bench, weighted)
+    elif found:
+        out["pds_cost"] = {"not_measured": "no trained weights in this work folder (committed records keep none)"}
     return out
 
 
