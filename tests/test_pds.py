@@ -351,6 +351,8 @@ def test_pds_benchmark_quick(tmp_path):
     assert cost["network_seconds"] > 0 and cost["pds_seconds"] > 0
     assert (tmp_path / "results.json").is_file()
     assert (tmp_path / "work" / "exact" / "pc-8.json").is_file()
+    md = (tmp_path / "results.md").read_text()
+    assert "Exact score" in md and "| PC-2 PDS a=5 |" in md and "tuned vanilla" in md and "%**" in md
 
 
 def test_pds_filter_sweep_quick(tmp_path):

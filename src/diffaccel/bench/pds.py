@@ -225,6 +225,7 @@ def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
         out["sigma_ratio"] = {s.label: sigma_ratio(sigma_min, sigma_max, s.options["steps"])
                               for s in bench.model(VE_REFERENCE).samplers}
         out["exact_score"] = exact_score_rows(bench, sigma_min, sigma_max, out_dir / "work" / "exact")
+        out["exact_n"] = EXACT_N_QUICK if bench.n_samples < 100 else EXACT_N
     # the cost needs weights: any seed's run that still has them (a committed record keeps none)
     weighted = next((c.parent for c in sorted((out_dir / "work").glob(f"{slug(VE_REFERENCE)}/seed*/run/config.yaml"))
                      if list_checkpoints(c.parent / "checkpoints")), None)
@@ -232,7 +233,36 @@ def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
         out["pds_cost"] = pds_overhead(bench, weighted)
     elif found:
         out["pds_cost"] = {"not_measured": "no trained weights in this work folder (committed records keep none)"}
+    out["markdown"] = _extra_markdown(out)
     return out
+
+
+def _extra_markdown(extra: dict) -> str:
+    """The sweeps' winners, the per-step sigma ratio and the exact-score bands of every VE row, and the cost."""
+    metric, md = extra["metric"], []
+    for key, what in (("best_snr", "tuned vanilla (best snr of the sweep)"), ("best_alpha", "best PDS alpha")):
+        if key in extra:
+            md.append(f"- {what}: `{extra[key]['sampler']}`, mean {metric} {extra[key][metric]:.4g}")
+    cost = extra.get("pds_cost", {})
+    if "pds_overhead_fraction" in cost:
+        md.append(f"- PDS work per predictor step (M·Mᵀ on the drift + M on the noise), batch {cost['batch']} on "
+                  f"{cost['device']}: {cost['pds_seconds'] * 1e3:.3g} ms vs {cost['network_seconds'] * 1e3:.4g} ms "
+                  f"for one network call = **{100 * cost['pds_overhead_fraction']:.2f} %**")
+    elif cost:
+        md.append(f"- PDS cost: {cost.get('not_measured')}")
+    exact, ratio = extra.get("exact_score", {}), extra.get("sigma_ratio", {})
+    if exact:
+        bands = list(next(iter(exact.values())))
+        md += ["", f"Exact score (the Gaussian fitted to the training images, {extra['exact_n']} samples per row): "
+                   "Fréchet distance and produced / target variance per DCT band — the sampler's error alone.", "",
+               "| sampler | σ ratio per step | " + " | ".join(f"Fréchet {b}" for b in bands) + " | "
+               + " | ".join(f"var ratio {b}" for b in bands) + " |",
+               "|---|---|" + "---|" * (2 * len(bands))]
+        for label, row in exact.items():
+            md.append(f"| {label} | {ratio.get(label, float('nan')):.4f} | "
+                      + " | ".join(f"{row[b]['frechet']:.4g}" for b in bands) + " | "
+                      + " | ".join(f"{row[b]['var_ratio']:.3f}" for b in bands) + " |")
+    return "\n".join(md)
 
 
 def _pds_images(bench: Benchmark, n: int = 200) -> torch.Tensor:
@@ -255,7 +285,7 @@ def exact_score_rows(bench: Benchmark, sigma_min: float, sigma_max: float, folde
     images = _pds_images(bench, n=100_000)                      # all training images, [-1, 1]
     oracle = GaussianVEScore.fit((images + 1) / 2)
     h, w = images.shape[-2:]
-    n = EXACT_N_QUICK if bench.n_samples < 100 else EXACT_N
+    n = EXACT_N_QUICK if bench.n_samples < 100 else EXACT_N                    # as in _extra
     pds_images = images[:200]
     out = {}
     for spec in bench.model(VE_REFERENCE).samplers:
