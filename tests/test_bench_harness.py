@@ -173,13 +173,9 @@ def test_only_seed_outside_the_seeds_is_refused(tmp_path):
 
 def test_a_committed_work_folder_without_weights_resumes_without_retraining(tmp_path):
     """What git keeps of a work folder (no checkpoints): the rerun trains nothing and reports the same numbers."""
-    import shutil
-
     bench = tiny_benchmark()
     bench.models = bench.models[:1]
-    first = run_benchmark(bench, tmp_path / "run", seeds=1, progress=False)
-    copy = tmp_path / "clone"
-    shutil.copytree(tmp_path / "run", copy, ignore=shutil.ignore_patterns("checkpoints", "claims", "*.lock"))
+    first, copy, _ = _clone_without_weights(bench, tmp_path)
     again = run_benchmark(bench, copy, seeds=1, progress=False)
     assert [r["fid[digits]"].mean for r in again["rows"]] == [r["fid[digits]"].mean for r in first["rows"]]
     assert not any(copy.rglob("checkpoints"))  # nothing was trained again

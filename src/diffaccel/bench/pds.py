@@ -218,20 +218,19 @@ def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
         if swept:
             best = min(swept, key=swept.get)
             out[key] = {"sampler": best, metric: swept[best], "value": float(best.split(prefix)[1])}
-    found = next((out_dir / "work").glob(f"{slug(VE_REFERENCE)}*/**/config.yaml"), None)
-    method = read_config(found.parent).get("method_config", {}) if found else {}
+    runs = [c.parent for c in sorted((out_dir / "work").glob(f"{slug(VE_REFERENCE)}/seed*/run/config.yaml"))]
+    method = read_config(runs[0]).get("method_config", {}) if runs else {}
     sigma_min, sigma_max = method.get("sigma_min"), method.get("sigma_max")
     if sigma_min and sigma_max:
         out["sigma_ratio"] = {s.label: sigma_ratio(sigma_min, sigma_max, s.options["steps"])
                               for s in bench.model(VE_REFERENCE).samplers}
         out["exact_score"] = exact_score_rows(bench, sigma_min, sigma_max, out_dir / "work" / "exact")
-        out["exact_n"] = EXACT_N_QUICK if bench.n_samples < 100 else EXACT_N
+        out["exact_n"] = exact_n(bench)
     # the cost needs weights: any seed's run that still has them (a committed record keeps none)
-    weighted = next((c.parent for c in sorted((out_dir / "work").glob(f"{slug(VE_REFERENCE)}/seed*/run/config.yaml"))
-                     if list_checkpoints(c.parent / "checkpoints")), None)
+    weighted = next((r for r in runs if list_checkpoints(r / "checkpoints")), None)
     if weighted:
         out["pds_cost"] = pds_overhead(bench, weighted)
-    elif found:
+    elif runs:
         out["pds_cost"] = {"not_measured": "no trained weights in this work folder (committed records keep none)"}
     out["markdown"] = _extra_markdown(out)
     return out
@@ -265,6 +264,11 @@ def _extra_markdown(extra: dict) -> str:
     return "\n".join(md)
 
 
+def exact_n(bench: Benchmark) -> int:
+    """Samples per exact-score row: few in quick mode."""
+    return EXACT_N_QUICK if bench.n_samples < 100 else EXACT_N
+
+
 def _pds_images(bench: Benchmark, n: int = 200) -> torch.Tensor:
     from diffaccel.data import load_dataset
     from diffaccel.methods.pds import representative_images
@@ -285,7 +289,7 @@ def exact_score_rows(bench: Benchmark, sigma_min: float, sigma_max: float, folde
     images = _pds_images(bench, n=100_000)                      # all training images, [-1, 1]
     oracle = GaussianVEScore.fit((images + 1) / 2)
     h, w = images.shape[-2:]
-    n = EXACT_N_QUICK if bench.n_samples < 100 else EXACT_N                    # as in _extra
+    n = exact_n(bench)
     pds_images = images[:200]
     out = {}
     for spec in bench.model(VE_REFERENCE).samplers:

@@ -358,20 +358,21 @@ def model_steps(bench: Benchmark, model: ModelSpec, probed: dict | None) -> int:
 
 
 # --- the whole benchmark ---------------------------------------------------------------------------------------
-def _status(bench: Benchmark, model: ModelSpec, seed: int, steps: int, work: Path) -> tuple[str, int]:
+def _status(bench: Benchmark, model: ModelSpec, seed: int, steps: int, work: Path) -> tuple[str, int, list]:
+    """(state, steps already trained, samplers still to evaluate) of (model, seed)."""
     folder = work / slug(model.label) / f"seed{seed}"
     key_file = folder / "train_key"
     if not key_file.is_file() or key_file.read_text().strip() != train_key(bench, model, seed, steps):
-        return "to train", 0
+        return "to train", 0, list(model.samplers)
     if not (folder / "trained.json").is_file():
         done = training_curve(folder / "run")["last_step"]
-        return f"resumes at ~{done}", done
+        return f"resumes at ~{done}", done, list(model.samplers)
     evals = pending_evaluations(bench, model, folder)
     if not evals:
-        return "done", steps
+        return "done", steps, []
     if not list_checkpoints(folder / "run" / "checkpoints"):
-        return f"trained, no weights (trains again), {len(evals)} evaluation(s) to do", 0
-    return f"trained, {len(evals)} evaluation(s) to do", steps
+        return f"trained, no weights (trains again), {len(evals)} evaluation(s) to do", 0, evals
+    return f"trained, {len(evals)} evaluation(s) to do", steps, evals
 
 
 def dry_run(bench: Benchmark, seeds: int, dataset, work: Path, quick: bool) -> dict:
@@ -384,12 +385,11 @@ def dry_run(bench: Benchmark, seeds: int, dataset, work: Path, quick: bool) -> d
                 steps = model_steps(bench, model, probed)
             except UserError:
                 steps = None
-            status, done = _status(bench, model, seed, steps or 0, work) if steps else ("needs probe", 0)
+            status, done, todo = _status(bench, model, seed, steps or 0, work) if steps \
+                else ("needs probe", 0, list(model.samplers))
             sec_step = p.get("sec_per_step", math.nan)
             evals = (steps // bench.eval_every - (steps % bench.eval_every == 0)) if bench.eval_every and steps else 0
             curve = curve_sampler(model)
-            folder = work / slug(model.label) / f"seed{seed}"
-            todo = pending_evaluations(bench, model, folder) if status.startswith("trained") else model.samplers
             sample_s = sum((p.get("sec_per_sample") or {}).get(s.label, math.nan) * (s.n or bench.n_samples)
                            for s in todo)
             curve_s = evals * (p.get("sec_per_sample") or {}).get(curve.label, math.nan) * bench.n_samples \
