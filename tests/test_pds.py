@@ -1,5 +1,7 @@
 """PDS filters, preconditioner algebra, stationarity (Theorems 1/2), VE score samplers, the VP extension."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -328,14 +330,17 @@ def test_pds_filter_cli(tmp_path, capsys):
 
 
 def test_pds_benchmark_quick(tmp_path):
-    from diffaccel.bench.pds import VE_REFERENCE, harness_benchmark, run, sigma_ratio
+    from diffaccel.bench.pds import KL_MODEL, VE_REFERENCE, harness_benchmark, run, sigma_ratio
 
     summary = run(tmp_path, quick=True)
     bench = harness_benchmark(quick=True)
     ve = bench.model(VE_REFERENCE)
     labels = {s.label for s in ve.samplers}
     assert {"PC-8", "Ancestral-8", "PC-2 PDS a=5", "Ancestral-2 PDS a=5"} <= labels and "PC-8 PDS a=5" not in labels
-    assert {s.label for s in bench.model("Baseline-1000").samplers} == {"DDIM-2", "DDIM-2 eta=1", "DDIM-2 eta=1 PDS"}
+    for vp in ("Baseline-1000", KL_MODEL):
+        assert {s.label for s in bench.model(vp).samplers} == {"DDIM-2", "DDIM-2 eta=1", "DDIM-2 eta=1 PDS"}
+        rows = [r for r in summary["rows"] if r["model"] == vp]
+        assert len(rows) == 3 and all(math.isfinite(r["fid[digits]"].mean) for r in rows)
     extra = summary["extra"]
     assert extra["best_snr"]["sampler"].startswith("sweep PC-2 snr=")
     assert extra["best_alpha"]["sampler"].startswith("sweep PC-2 PDS a=")

@@ -154,6 +154,8 @@ VE_REFERENCE = "ScoreVE-1000"
 EXACT_N, EXACT_N_QUICK = 2000, 16           # exact-score samples per row (full / quick)
 # the `mini` UNet: a PC-1000 sample costs 2,000 network calls, so the network's cost sets the benchmark's length
 HARNESS_NET = {"preset": "mini"}
+# KL's second variant (eq. 25): one network call per training step, so it trains at the baseline's cost
+KL_MODEL, KL_CONFIG = "KL-2nd", {"M": 8, "N": 20, "variant": "2nd"}
 HARNESS_QUICK_NET = {"preset": "tiny", "overrides": {"block_out_channels": [8, 16], "norm_num_groups": 4}}
 
 
@@ -200,7 +202,6 @@ def sigma_ratio(sigma_min: float, sigma_max: float, steps: int) -> float:
 def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
     """Best snr / alpha of the sweeps (mean primary metric over seeds) and each PC row's sigma ratio."""
     from diffaccel.bench.specs import slug
-    from diffaccel.checkpoint import list_checkpoints
     from diffaccel.runs import read_config
 
     metric = bench.primary
@@ -226,14 +227,74 @@ def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
                               for s in bench.model(VE_REFERENCE).samplers}
         out["exact_score"] = exact_score_rows(bench, sigma_min, sigma_max, out_dir / "work" / "exact")
         out["exact_n"] = exact_n(bench)
-    # the cost needs weights: any seed's run that still has them (a committed record keeps none)
-    weighted = next((r for r in runs if list_checkpoints(r / "checkpoints")), None)
-    if weighted:
-        out["pds_cost"] = pds_overhead(bench, weighted)
-    elif runs:
-        out["pds_cost"] = {"not_measured": "no trained weights in this work folder (committed records keep none)"}
+    if runs:
+        out["pds_cost"] = pds_overhead(bench, runs[0])
+    if plot_nfe(bench, results, out.get("exact_score", {}), out_dir / "nfe.png"):
+        out["plot"] = "nfe.png"
     out["markdown"] = _extra_markdown(out)
     return out
+
+
+FAMILIES = (("PC-{N}", "PC"), ("PC-{N} PDS a=5", "PC + PDS (α = 5)"),
+            ("Ancestral-{N}", "ancestral"), ("Ancestral-{N} PDS a=5", "ancestral + PDS (α = 5)"))
+
+
+def plot_nfe(bench: Benchmark, results: dict, exact: dict, path: Path) -> bool:
+    """Left: the trained model's primary metric (mean and 95 % interval over seeds) against network calls per
+    image for PC and ancestral sampling with and without PDS, the tuned vanilla sweep's best beside them. Right:
+    the same samplers on the exact score (high-band variance ratio): the sampler's own error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffaccel.bench.stats import mean_interval
+
+    metric = bench.primary
+    per_sampler: dict[str, list[float]] = {}
+    for (label, _seed), r in results.items():
+        if label == VE_REFERENCE:
+            for sampler, ev in r["final"].items():
+                if metric in ev:
+                    per_sampler.setdefault(sampler, []).append(float(ev[metric]))
+    if not per_sampler:
+        return False
+    specs = {s.label: s for s in bench.model(VE_REFERENCE).samplers}
+    iterations = sorted({s.options["steps"] for s in specs.values() if not s.label.startswith("sweep")})
+
+    def nfe(spec) -> int:
+        return spec.options["steps"] * (1 + spec.options.get("corrector_steps", 1))
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for pattern, name in FAMILIES:
+        labels = [pattern.format(N=N) for N in iterations if pattern.format(N=N) in per_sampler]
+        if not labels:
+            continue
+        stats = [mean_interval(per_sampler[k]) for k in labels]
+        xs = [nfe(specs[k]) for k in labels]
+        ax.errorbar(xs, [i.mean for i in stats], yerr=[i.half_width or 0.0 for i in stats], marker="o",
+                    capsize=3, label=name)
+        high = [exact[k]["high"]["var_ratio"] for k in labels if k in exact and "high" in exact[k]]
+        if len(high) == len(labels):
+            bx.plot([specs[k].options["steps"] for k in labels], high, marker="o", label=name)
+    swept = {k: mean_interval(v) for k, v in per_sampler.items() if k.startswith("sweep") and "snr=" in k}
+    if swept:
+        best = min(swept, key=lambda k: swept[k].mean)
+        ax.errorbar([nfe(specs[best])], [swept[best].mean], yerr=[swept[best].half_width or 0.0], marker="*",
+                    markersize=12, linestyle="none", color="black", capsize=3,
+                    label=f"tuned vanilla ({best.split(' ', 1)[1]}, {specs[best].n} samples)")
+    ax.set(xscale="log", yscale="log", xlabel="network calls per image", ylabel=f"{metric} (lower is better)",
+           title=f"{VE_REFERENCE}: trained model, {len(next(iter(per_sampler.values())))} seed(s)")
+    bx.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    bx.set(xscale="log", xlabel="iterations N", ylabel="produced / target variance, high DCT band",
+           title="exact score (Gaussian fitted to the data): sampler error alone")
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def _extra_markdown(extra: dict) -> str:
@@ -249,6 +310,8 @@ def _extra_markdown(extra: dict) -> str:
                   f"for one network call = **{100 * cost['pds_overhead_fraction']:.2f} %**")
     elif cost:
         md.append(f"- PDS cost: {cost.get('not_measured')}")
+    if extra.get("plot"):
+        md += ["", f"![PDS against network calls]({extra['plot']})"]
     exact, ratio = extra.get("exact_score", {}), extra.get("sigma_ratio", {})
     if exact:
         bands = list(next(iter(exact.values())))
@@ -319,12 +382,19 @@ def pds_overhead(bench: Benchmark, run_dir: Path, repeats: int = 5) -> dict:
 
     from diffaccel.bench.runner import _device
     from diffaccel.methods.pds import build_preconditioner
-    from diffaccel.runs import load_run, read_config
+    from diffaccel.runs import read_config
+    from diffaccel.validation import build_method_checked, build_networks_checked
 
     device = _device()
-    method, nets = load_run(run_dir, device)
-    net = nets[method.sampling_network]
-    shape = (bench.sample_batch, *read_config(run_dir)["image_shape"])
+    # a call's time does not depend on the weights, so the run's network is built from its config.yaml alone
+    # (a committed record keeps no checkpoint)
+    config = read_config(run_dir)
+    source = str(run_dir / "config.yaml")
+    method = build_method_checked(config["method"], config.get("method_config"), source)
+    nets = build_networks_checked(method, config["train"].get("net", {"preset": "small"}), config["image_shape"],
+                                  f"{source}: train.net")
+    net = nets[method.sampling_network].to(device).eval()
+    shape = (bench.sample_batch, *config["image_shape"])
     pre = build_preconditioner(_pds_images(bench), alpha=5.0).to(device)
     y = torch.rand(shape, device=device)
     sigma = torch.full((shape[0],), 1.0, device=device)
@@ -355,12 +425,14 @@ def harness_benchmark(quick: bool = False) -> Benchmark:
         ve = ModelSpec(VE_REFERENCE, "score-ve", {"num_scales": 8}, {},
                        ve_samplers(iterations=(8, 2), sweep_at=2, sweep_n=8, n_full=8, n_few=8))
         ddim = ModelSpec("Baseline-1000", "baseline", {"N": 1000}, {}, ddim_samplers((2,)))
-        return Benchmark(**common, models=[ve, ddim], data="mnist5k", resolution=32, data_limit=200, steps=2,
+        kl = ModelSpec(KL_MODEL, "kl", KL_CONFIG, {}, ddim_samplers((2,)))
+        return Benchmark(**common, models=[ve, ddim, kl], data="mnist5k", resolution=32, data_limit=200, steps=2,
                          n_samples=8, n_reference=64, sample_batch=8, measure_cost=False,
                          train_defaults={"net": HARNESS_QUICK_NET, "lr": 1e-3, "ema_decay": 0.995})
     ve = ModelSpec(VE_REFERENCE, "score-ve", {"num_scales": 1000}, {}, ve_samplers())
     ddim = ModelSpec("Baseline-1000", "baseline", {"N": 1000}, {}, ddim_samplers())
-    return Benchmark(**common, models=[ve, ddim], data="mnist5k", resolution=32, steps=8000, n_samples=1000,
+    kl = ModelSpec(KL_MODEL, "kl", KL_CONFIG, {}, ddim_samplers())
+    return Benchmark(**common, models=[ve, ddim, kl], data="mnist5k", resolution=32, steps=8000, n_samples=1000,
                      n_reference=3000, train_defaults={"net": HARNESS_NET, "lr": 1e-3, "ema_decay": 0.995},
                      notes="PC-1000 costs 2,000 network calls per image (250 samples; the other VE rows 300, the "
                            "sweep rows 100 at N = 100); PDS rows at N < 1000 only; per-step sigma ratio in "

@@ -441,6 +441,7 @@ def run_benchmark(bench: Benchmark, out_dir: str | Path, seeds: int = 1, dry_run
     results. ``only_seed=K`` restricts a process to seed K and makes it write no results."""
     from diffaccel.bench.summary import summarize, write_outputs
     from diffaccel.data import load_dataset
+    from diffaccel.metrics.features import cached_extractor
 
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
@@ -453,6 +454,8 @@ def run_benchmark(bench: Benchmark, out_dir: str | Path, seeds: int = 1, dry_run
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(bench.data, bench.resolution, limit=bench.data_limit)
+    for extractor in bench.extractors:  # refuses data it cannot score (one line) before any work, dry run too
+        cached_extractor(extractor, "cpu", image_size=dataset.images.shape[-1])
     if dry_run_only:
         return dry_run(bench, seeds, dataset, work, quick)
     started = time.time()

@@ -179,6 +179,7 @@ def _plot(summary: dict, bench: Benchmark, path: Path) -> None:
 
     metrics = [m for m in (bench.primary, "legible_rate") if any(m in c for c in summary["curves"].values())]
     if not metrics:
+        path.unlink(missing_ok=True)                # no curves (final-only rows): no plot of an earlier run stays
         return
     xkeys = {"step": "optimisation steps", "train_seconds": "training wall-clock seconds",
              "images": "training images processed"}

@@ -157,7 +157,7 @@ def build_extractor(name: str = "effnet", device=None, *, image_size: int = 32, 
         from diffaccel.metrics.digits import DigitClassifier, load_digits_classifier
 
         if image_size not in DigitClassifier.SIDES:
-            raise UserError(f"the digits extractor is made for 1x32x32, 1x28x28 or 1x16x16 digit images, got side "
+            raise UserError(f"the digits extractor is made for 1x64x64, 1x32x32, 1x28x28 or 1x16x16 digit images, got side "
                             f"{image_size}; use --extractor effnet for other data")
         net = copy.deepcopy(load_digits_classifier(weights_path))  # the loaded one stays on the CPU
     else:
