@@ -352,12 +352,15 @@ def test_pds_benchmark_quick(tmp_path):
     exact = extra["exact_score"]
     assert set(exact) == labels
     assert all(b["var_ratio"] > 0 and b["frechet"] >= 0 for row in exact.values() for b in row.values())
+    vp = extra["exact_epsilon"]
+    assert set(vp) == {"DDIM-2", "DDIM-2 eta=1", "DDIM-2 eta=1 PDS"}
+    assert all(b["var_ratio"] > 0 and b["frechet"] >= 0 for row in vp.values() for b in row.values())
     cost = extra["pds_cost"]
     assert cost["network_seconds"] > 0 and cost["pds_seconds"] > 0
     assert (tmp_path / "results.json").is_file()
     assert (tmp_path / "work" / "exact" / "pc-8.json").is_file()
     md = (tmp_path / "results.md").read_text()
-    assert "Exact score" in md and "| PC-2 PDS a=5 |" in md and "tuned vanilla" in md and "%**" in md
+    assert "Exact score" in md and "Exact epsilon" in md and "| PC-2 PDS a=5 |" in md and "tuned vanilla" in md and "%**" in md
 
 
 def test_pds_filter_sweep_quick(tmp_path):

@@ -150,7 +150,7 @@ def _time(fn, repeats: int) -> float:
 ITERATIONS = (1000, 200, 100, 50)
 SNR_GRID = (0.08, 0.12, 0.16, 0.24, 0.32, 0.48, 0.64)  # vanilla's best lay at the top of the earlier 0.08-0.32
 ALPHA_GRID = (2.0, 3.0, 5.0, 10.0)
-VE_REFERENCE = "ScoreVE-1000"
+VE_REFERENCE, VP_REFERENCE = "ScoreVE-1000", "Baseline-1000"
 EXACT_N, EXACT_N_QUICK = 2000, 16           # exact-score samples per row (full / quick)
 # the `mini` UNet: a PC-1000 sample costs 2,000 network calls, so the network's cost sets the benchmark's length
 HARNESS_NET = {"preset": "mini"}
@@ -227,6 +227,7 @@ def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
                               for s in bench.model(VE_REFERENCE).samplers}
         out["exact_score"] = exact_score_rows(bench, sigma_min, sigma_max, out_dir / "work" / "exact")
         out["exact_n"] = exact_n(bench)
+    out["exact_epsilon"] = exact_epsilon_rows(bench, out_dir / "work" / "exact-vp")
     if runs:
         out["pds_cost"] = pds_overhead(bench, runs[0])
     if plot_nfe(bench, results, out.get("exact_score", {}), out_dir / "nfe.png"):
@@ -324,7 +325,59 @@ def _extra_markdown(extra: dict) -> str:
             md.append(f"| {label} | {ratio.get(label, float('nan')):.4f} | "
                       + " | ".join(f"{row[b]['frechet']:.4g}" for b in bands) + " | "
                       + " | ".join(f"{row[b]['var_ratio']:.3f}" for b in bands) + " |")
+    vp = extra.get("exact_epsilon", {})
+    if vp:
+        bands = list(next(iter(vp.values())))
+        md += ["", f"Exact epsilon on {VP_REFERENCE}'s grid (the same Gaussian in the VP model space [-1, 1], "
+                   f"{extra.get('exact_n', EXACT_N)} samples per row): produced / target variance per DCT band.", "",
+               "| sampler | " + " | ".join(f"var ratio {b}" for b in bands) + " |", "|---|" + "---|" * len(bands)]
+        for label, row in vp.items():
+            md.append(f"| {label} | " + " | ".join(f"{row[b]['var_ratio']:.3f}" for b in bands) + " |")
     return "\n".join(md)
+
+
+def exact_epsilon_rows(bench: Benchmark, folder: Path) -> dict:
+    """Every DDIM row of the baseline model run with the exact epsilon of the Gaussian fitted to the training
+    images (the VP model space, [-1, 1]) on the baseline's alpha_bar grid: per DCT band, Frechet distance and
+    produced / target variance. Stored per row (resumable)."""
+    from diffaccel.bench.runner import _read_json, _write_json
+    from diffaccel.bench.specs import slug
+    from diffaccel.methods import build_method
+    from diffaccel.methods.pds import build_preconditioner
+    from diffaccel.oracle.bands import band_metrics
+    from diffaccel.oracle.fit import fit_gaussian
+    from diffaccel.oracle.gaussian_vp import GaussianVPEpsilon
+    from diffaccel.samplers import ddim, preconditioned_ddim
+
+    model = bench.model(VP_REFERENCE)
+    images = _pds_images(bench, n=100_000).double()             # all training images, [-1, 1]
+    fit = fit_gaussian(images)
+    mean, cov = fit.mean, fit.covariance()
+    alpha_bars = build_method(model.method, model.method_kwargs).alpha_bars.double()
+    oracle = GaussianVPEpsilon(mean, cov, alpha_bars, tuple(images.shape[1:]))
+    h, w = images.shape[-2:]
+    n = exact_n(bench)
+    out = {}
+    for spec in model.samplers:
+        o = spec.options
+        key = {"sampler": o, "n": n, "method": [model.method, model.method_kwargs],
+               "data": [bench.data, bench.resolution, bench.data_limit]}
+        path = folder / f"{slug(spec.label)}.json"
+        stored = _read_json(path)
+        if stored and stored.get("key") == key:
+            out[spec.label] = stored["bands"]
+            continue
+        g = torch.Generator().manual_seed(0)
+        x_T = torch.randn((n, *images.shape[1:]), generator=g, dtype=torch.float64)
+        if o.get("pds"):
+            pre = build_preconditioner(images[:200].float(), alpha=o.get("pds_alpha", 5.0))
+            x = preconditioned_ddim(oracle, x_T, alpha_bars, o["steps"], eta=o["eta"], preconditioner=pre, generator=g)
+        else:
+            x = ddim(oracle, x_T, alpha_bars, o["steps"], o["eta"], g, False, False)
+        bands = band_metrics(x.flatten(1), mean, cov, h, w)
+        _write_json(path, {"key": key, "bands": bands})
+        out[spec.label] = bands
+    return out
 
 
 def exact_n(bench: Benchmark) -> int:
@@ -424,13 +477,13 @@ def harness_benchmark(quick: bool = False) -> Benchmark:
     if quick:
         ve = ModelSpec(VE_REFERENCE, "score-ve", {"num_scales": 8}, {},
                        ve_samplers(iterations=(8, 2), sweep_at=2, sweep_n=8, n_full=8, n_few=8))
-        ddim = ModelSpec("Baseline-1000", "baseline", {"N": 1000}, {}, ddim_samplers((2,)))
+        ddim = ModelSpec(VP_REFERENCE, "baseline", {"N": 1000}, {}, ddim_samplers((2,)))
         kl = ModelSpec(KL_MODEL, "kl", KL_CONFIG, {}, ddim_samplers((2,)))
         return Benchmark(**common, models=[ve, ddim, kl], data="mnist5k", resolution=32, data_limit=200, steps=2,
                          n_samples=8, n_reference=64, sample_batch=8, measure_cost=False,
                          train_defaults={"net": HARNESS_QUICK_NET, "lr": 1e-3, "ema_decay": 0.995})
     ve = ModelSpec(VE_REFERENCE, "score-ve", {"num_scales": 1000}, {}, ve_samplers())
-    ddim = ModelSpec("Baseline-1000", "baseline", {"N": 1000}, {}, ddim_samplers())
+    ddim = ModelSpec(VP_REFERENCE, "baseline", {"N": 1000}, {}, ddim_samplers())
     kl = ModelSpec(KL_MODEL, "kl", KL_CONFIG, {}, ddim_samplers())
     return Benchmark(**common, models=[ve, ddim, kl], data="mnist5k", resolution=32, steps=8000, n_samples=1000,
                      n_reference=3000, train_defaults={"net": HARNESS_NET, "lr": 1e-3, "ema_decay": 0.995},
