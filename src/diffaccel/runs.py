@@ -91,19 +91,24 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
-             ema: bool = True):
-    """(method, nets) of a run: the method rebuilt from config.yaml and its networks with (EMA) weights."""
-    from diffaccel.methods import build_method
-
+def build_run(run_dir: str | Path, config: dict | None = None):
+    """(method, nets) as config.yaml describes them, the networks freshly initialised (no weights read)."""
     from diffaccel.validation import build_method_checked, build_networks_checked
 
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    source = str(run_dir / "config.yaml")
+    config = config or read_config(run_dir)
+    source = str(Path(run_dir) / "config.yaml")
     method = build_method_checked(config["method"], config.get("method_config"), source)
     nets = build_networks_checked(method, config["train"].get("net", {"preset": "small"}), config["image_shape"],
                                   f"{source}: train.net")
+    return method, nets
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
+             ema: bool = True):
+    """(method, nets) of a run: the method rebuilt from config.yaml and its networks with (EMA) weights."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    method, nets = build_run(run_dir, config)
     ckpt = Path(checkpoint) if checkpoint else latest_valid(run_dir / "checkpoints")
     if ckpt is None:
         found = list_checkpoints(run_dir / "checkpoints")

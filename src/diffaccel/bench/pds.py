@@ -205,14 +205,8 @@ def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
     from diffaccel.runs import read_config
 
     metric = bench.primary
-    means: dict[str, list[float]] = {}
-    for (label, _seed), r in results.items():
-        if label != VE_REFERENCE:
-            continue
-        for sampler, ev in r["final"].items():
-            if metric in ev:
-                means.setdefault(sampler, []).append(float(ev[metric]))
-    mean = {k: sum(v) / len(v) for k, v in means.items()}
+    per_sampler = _reference_values(bench, results)
+    mean = {k: sum(v) / len(v) for k, v in per_sampler.items()}
     out: dict = {"metric": metric}
     for prefix, key in (("snr=", "best_snr"), ("PDS a=", "best_alpha")):
         swept = {k: v for k, v in mean.items() if k.startswith("sweep") and prefix in k}
@@ -230,7 +224,7 @@ def _extra(bench: Benchmark, results: dict, out_dir: Path) -> dict:
     out["exact_epsilon"] = exact_epsilon_rows(bench, out_dir / "work" / "exact-vp")
     if runs:
         out["pds_cost"] = pds_overhead(bench, runs[0])
-    if plot_nfe(bench, results, out.get("exact_score", {}), out_dir / "nfe.png"):
+    if plot_nfe(bench, per_sampler, out.get("exact_score", {}), out_dir / "nfe.png"):
         out["plot"] = "nfe.png"
     out["markdown"] = _extra_markdown(out)
     return out
@@ -240,7 +234,18 @@ FAMILIES = (("PC-{N}", "PC"), ("PC-{N} PDS a=5", "PC + PDS (α = 5)"),
             ("Ancestral-{N}", "ancestral"), ("Ancestral-{N} PDS a=5", "ancestral + PDS (α = 5)"))
 
 
-def plot_nfe(bench: Benchmark, results: dict, exact: dict, path: Path) -> bool:
+def _reference_values(bench: Benchmark, results: dict) -> dict[str, list[float]]:
+    """The VE reference model's primary metric per sampler row, one value per seed."""
+    values: dict[str, list[float]] = {}
+    for (label, _seed), r in results.items():
+        if label == VE_REFERENCE:
+            for sampler, ev in r["final"].items():
+                if bench.primary in ev:
+                    values.setdefault(sampler, []).append(float(ev[bench.primary]))
+    return values
+
+
+def plot_nfe(bench: Benchmark, per_sampler: dict[str, list[float]], exact: dict, path: Path) -> bool:
     """Left: the trained model's primary metric (mean and 95 % interval over seeds) against network calls per
     image for PC and ancestral sampling with and without PDS, the tuned vanilla sweep's best beside them. Right:
     the same samplers on the exact score (high-band variance ratio): the sampler's own error."""
@@ -252,12 +257,6 @@ def plot_nfe(bench: Benchmark, results: dict, exact: dict, path: Path) -> bool:
     from diffaccel.bench.stats import mean_interval
 
     metric = bench.primary
-    per_sampler: dict[str, list[float]] = {}
-    for (label, _seed), r in results.items():
-        if label == VE_REFERENCE:
-            for sampler, ev in r["final"].items():
-                if metric in ev:
-                    per_sampler.setdefault(sampler, []).append(float(ev[metric]))
     if not per_sampler:
         return False
     specs = {s.label: s for s in bench.model(VE_REFERENCE).samplers}
@@ -309,8 +308,6 @@ def _extra_markdown(extra: dict) -> str:
         md.append(f"- PDS work per predictor step (M·Mᵀ on the drift + M on the noise), batch {cost['batch']} on "
                   f"{cost['device']}: {cost['pds_seconds'] * 1e3:.3g} ms vs {cost['network_seconds'] * 1e3:.4g} ms "
                   f"for one network call = **{100 * cost['pds_overhead_fraction']:.2f} %**")
-    elif cost:
-        md.append(f"- PDS cost: {cost.get('not_measured')}")
     if extra.get("plot"):
         md += ["", f"![PDS against network calls]({extra['plot']})"]
     exact, ratio = extra.get("exact_score", {}), extra.get("sigma_ratio", {})
@@ -435,19 +432,14 @@ def pds_overhead(bench: Benchmark, run_dir: Path, repeats: int = 5) -> dict:
 
     from diffaccel.bench.runner import _device
     from diffaccel.methods.pds import build_preconditioner
-    from diffaccel.runs import read_config
-    from diffaccel.validation import build_method_checked, build_networks_checked
+    from diffaccel.runs import build_run, read_config
 
     device = _device()
     # a call's time does not depend on the weights, so the run's network is built from its config.yaml alone
     # (a committed record keeps no checkpoint)
-    config = read_config(run_dir)
-    source = str(run_dir / "config.yaml")
-    method = build_method_checked(config["method"], config.get("method_config"), source)
-    nets = build_networks_checked(method, config["train"].get("net", {"preset": "small"}), config["image_shape"],
-                                  f"{source}: train.net")
+    method, nets = build_run(run_dir)
     net = nets[method.sampling_network].to(device).eval()
-    shape = (bench.sample_batch, *config["image_shape"])
+    shape = (bench.sample_batch, *read_config(run_dir)["image_shape"])
     pre = build_preconditioner(_pds_images(bench), alpha=5.0).to(device)
     y = torch.rand(shape, device=device)
     sigma = torch.full((shape[0],), 1.0, device=device)
